@@ -16,8 +16,9 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Declarative LLM distillation pipelines: validate, plan (with compute estimates), run.",
 )
-out = Console()
-err = Console(stderr=True)
+# Piped output has no terminal width; tables of estimates need more than rich's default 80.
+out = Console(width=None if sys.stdout.isatty() else 150)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 
 EXIT_BAD_SPEC = 2
 

@@ -12,16 +12,15 @@ from .plan.graph import Plan
 
 def plan_table(plan: Plan, statuses: dict[str, str] | None = None) -> Table:
     table = Table(title=f"plan: {plan.name}", title_justify="left")
-    columns = ["node", "kind", "after", "FLOPs", "teacher", "mem/device", "storage", "wall",
-               "dev-hours"]
+    columns = ["node", "kind", "after", "FLOP", "teacher", "mem/dev", "disk", "wall", "dev-h"]
     if statuses:
         columns.append("status")
     for name in columns:
-        table.add_column(name, justify="right" if name in ("FLOPs", "teacher", "mem/device",
-                                                           "storage", "wall", "dev-hours") else "left")
+        table.add_column(name, justify="left" if name in ("node", "kind", "after") else "right",
+                         overflow="fold")
     for node in plan.nodes:
         e = node.estimate
-        kind = node.kind if node.kind != "train" else f"train:{node.stage_kind}"
+        kind = node.kind if node.kind != "train" else node.stage_kind
         row = [node.id, kind, ", ".join(node.depends_on) or "-",
                units.flops(e.flops if e else None), units.flops(e.teacher_flops if e else None),
                units.nbytes(e.memory_per_device_bytes if e else None),
@@ -44,15 +43,21 @@ def print_plan(console: Console, plan: Plan, price: float | None, hardware: str,
         f" · {units.hours(t['device_hours'])} device-hours on {hardware} · cost {cost}"
     )
     for node in plan.nodes:
-        details = getattr(node.estimate, "details", None) or {}
-        if details:
-            parts = ", ".join(f"{k}={_short(v)}" for k, v in details.items())
-            console.print(f"  [dim]{node.id}: {parts}[/dim]", soft_wrap=True)
+        line = _parts_line(getattr(node.estimate, "details", None) or {})
+        if line:
+            console.print(f"  [dim]{node.id}:[/dim] {line}", soft_wrap=True, highlight=False)
+    console.print("[dim]  (kind = train stage kind; --json gives every assumption)[/dim]")
 
 
-def _short(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
-    return str(value)
+def _parts_line(details: dict) -> str:
+    """`student_train 5.2e22 FLOP 15 d · teacher_forward ...`, plus remote-teacher calls."""
+    parts = details.get("parts") or {}
+    if "train" in details:  # a node of two phases (train + generation)
+        parts = {**(details["train"].get("parts") or {}),
+                 **(details["generation"].get("parts") or {})}
+    text = " · ".join(f"{name} {units.flops(p['flops'])} FLOP {units.duration(p['seconds'])}"
+                      for name, p in parts.items())
+    if details.get("remote"):
+        text = (f"remote teacher: {details['calls']:,} calls, {details['prompt_tokens']:,} "
+                f"prompt + {details['completion_tokens']:,} completion tokens")
+    return text

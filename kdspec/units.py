@@ -4,21 +4,19 @@ from __future__ import annotations
 
 
 def flops(value: float | None) -> str:
+    """Scientific notation: FLOP counts span 1e9 (a CPU toy) to 1e24 (a pre-training run)."""
     if value is None:
         return "-"
-    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
-        if value >= scale:
-            return f"{value / scale:.3g} {unit}FLOP"
-    return f"{value:.3g} FLOP"
+    return "0" if value == 0 else f"{value:.3g}".replace("e+", "e")
 
 
 def nbytes(value: float | None) -> str:
     if value is None:
         return "-"
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    for unit, scale in (("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
         if value >= scale:
-            return f"{value / scale:.3g} {unit}"
-    return f"{value:.0f} B"
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.0f}B"
 
 
 def duration(seconds: float | None) -> str:
@@ -34,4 +32,6 @@ def duration(seconds: float | None) -> str:
 
 
 def hours(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.4g}"
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"

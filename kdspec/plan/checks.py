@@ -7,7 +7,7 @@ from typing import Any
 from ..spec import Spec
 from .archinfo import origin_dims, origin_tokenizer
 from .graph import Plan
-from .resolve import ModelOrigin
+from .resolve import ModelOrigin, did_you_mean
 
 # Stage kinds that compare teacher and student distributions token by token.
 LOGIT_LEVEL_KINDS = ("pretrain_kd", "kd", "gkd", "minillm")
@@ -21,6 +21,7 @@ def _origin(entry: dict[str, Any] | None) -> ModelOrigin | None:
 
 
 def check_plan(plan: Plan, spec: Spec, builder: Any) -> None:
+    _check_accelerator(builder, spec)
     for index, stage in enumerate(spec.stages):
         if stage.kind not in LOGIT_LEVEL_KINDS:
             continue
@@ -30,6 +31,15 @@ def check_plan(plan: Plan, spec: Spec, builder: Any) -> None:
             continue
         _check_tokenizers(builder, index, spec, teacher, student)
         _check_vocab(builder, index, spec, teacher, student)
+
+
+def _check_accelerator(builder: Any, spec: Spec) -> None:
+    from ..estimate.hardware import ACCELERATORS
+
+    name = spec.hardware.accelerator
+    if name not in ACCELERATORS:
+        builder.error(("hardware", "accelerator"), f"unknown accelerator `{name}`",
+                      did_you_mean(name, list(ACCELERATORS)))
 
 
 def _check_tokenizers(builder: Any, index: int, spec: Spec, teacher: ModelOrigin,

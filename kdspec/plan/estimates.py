@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..estimate import workloads as wl
 from ..estimate.hardware import ACCELERATORS, Hardware
 from ..spec import Spec
 from .archinfo import origin_dims
@@ -29,14 +28,13 @@ def dtype_bytes(spec: Spec) -> int:
 
 def estimate_plan(plan: Plan, spec: Spec, builder: Any) -> None:
     if spec.hardware.accelerator not in ACCELERATORS:
-        builder.error(("hardware", "accelerator"),
-                      f"unknown accelerator `{spec.hardware.accelerator}`",
-                      f"known: {', '.join(sorted(ACCELERATORS))}")
-        return
+        return  # reported by checks.check_plan
     hardware = hardware_of(spec)
     for node in plan.nodes:
-        dims = {role: origin_dims(spec, _origin(node.config.get(role)), builder.base_dir)
-                if node.config.get(role) else None for role in ("student", "teacher")}
+        dims: dict[str, Any] = {
+            role: origin_dims(spec, _origin(node.config.get(role)), builder.base_dir)
+            if node.config.get(role) else None for role in ("student", "teacher")}
+        dims["base_dir"] = builder.base_dir
         node.estimate = _estimate_node(node, spec, hardware, dims)
         _check_memory(node, spec, hardware, builder)
 

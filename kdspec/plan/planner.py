@@ -37,9 +37,10 @@ class _Builder:
         )
 
     def model(self, path: KeyPath, ref: str) -> dict[str, Any] | None:
-        """Resolve a model reference to its config entry; record an error if it names nothing."""
+        """Resolve a model reference to its config entry; record an error if it names nothing.
+        `path` starts with ("stages", index): a stage may only use earlier stages' outputs."""
         try:
-            origin = resolve_model(self.spec, ref)
+            origin = resolve_model(self.spec, ref, used_by=path[1])
         except ResolveError as err:
             self.error(path, str(err), err.hint)
             return None
@@ -140,10 +141,10 @@ def _add_train_stage(builder: _Builder, index: int, stage: TrainStage) -> None:
 def _link_labels_from(builder: _Builder, index: int, stage: SFTStage, train: Node) -> None:
     source = next((s for s in builder.spec.stages if s.name == stage.labels_from), None)
     if not isinstance(source, StepByStepStage):
-        what = "no stage" if source is None else f"`{source.kind}` stage"
+        what = "no stage" if source is None else f"a `{source.kind}` stage"
         builder.error(("stages", index, "labels_from"),
-                      f"`{stage.labels_from}` is {what}: teacher labels come only from a "
-                      "step_by_step stage's rationales node")
+                      f"`{stage.labels_from}` is {what}; teacher labels come only from a "
+                      "step_by_step stage's rationales")
         return
     train.inputs["rationales"] = f"{source.name}.rationales"
 
@@ -200,6 +201,8 @@ def build_plan(spec: Spec, *, base_dir: Path | None = None, locate: Any = None,
     builder = _Builder(spec, base_dir or Path("."), locate or (lambda _path: None))
     _check_names(builder)
     for index, stage in enumerate(spec.stages):
+        if stage.name in builder.nodes:
+            continue  # a duplicate name, already reported
         if isinstance(stage, TrainStage):
             _add_train_stage(builder, index, stage)
         else:

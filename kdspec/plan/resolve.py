@@ -45,9 +45,15 @@ def train_stage_names(spec: Spec) -> list[str]:
     return [s.name for s in spec.stages if isinstance(s, TrainStage)]
 
 
-def resolve_model(spec: Spec, ref: str) -> ModelOrigin:
-    """A stage name resolves to that stage's output model, else a name from `models`."""
-    if ref in train_stage_names(spec):
+def resolve_model(spec: Spec, ref: str, used_by: int | None = None) -> ModelOrigin:
+    """A stage name resolves to that stage's output model, else a name from `models`.
+    `used_by` (a stage index) must come after the stage whose output it uses."""
+    if ref in train_stage_names(spec) and ref not in spec.models:  # a clash is reported apart
+        index = next(i for i, s in enumerate(spec.stages) if s.name == ref)
+        if used_by is not None and index >= used_by:
+            raise ResolveError(
+                f"stage `{ref}` runs after this stage; its output does not exist yet",
+                "move it earlier in `stages`")
         return ModelOrigin("stage", ref)
     if ref in spec.models:
         return ModelOrigin("model", ref)

@@ -14,7 +14,10 @@ __all__ = ["StrictModel", "Quantity", "parse_quantity", "Name", "PositiveFloat",
 class StrictModel(BaseModel):
     """Base of every spec object: unknown keys are errors, values are not coerced across types."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, validate_default=True)
+    # YAML reads `.inf` and `.nan` as floats; no spec value means either, so they are refused.
+    model_config = ConfigDict(
+        extra="forbid", strict=True, frozen=True, validate_default=True, allow_inf_nan=False
+    )
 
 
 # SI suffixes count in powers of 1000, IEC suffixes (Ki, Mi, ...) in powers of 1024.
