@@ -266,6 +266,8 @@ def test_builtin_language_shape_and_floor() -> None:
     assert all(sum(1 for p in row if p) == hmm.SUCCESSORS for row in model.transition)
     # Every word can be emitted, so the vocabulary has no dead words.
     assert all(any(row[w] for row in model.emission) for w in range(hmm.N_WORDS))
+    # Backs the docstring's bound on a document's probability (split disjointness).
+    assert max(max(row) for row in model.emission) < 0.43
     docs = hmm.sample_documents(seed=0, split="eval", n=16)
     floor = cross_entropy(model, docs)
     marginal = list(zip(model.initial, model.emission, strict=True))

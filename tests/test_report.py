@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from kdspec import units
 from kdspec.plan.graph import Node, Plan
 from kdspec.run.report import (
     cost_row,
@@ -118,11 +119,12 @@ def test_report_has_the_eval_table_plots_and_cost_table(run_dir):
         assert f"![{node} loss](plots/loss_{node}.png)" in text
     assert "Final logged step 10: loss 0.8." in text
     assert "Final logged step 3: loss 2." in text  # the latest run's 6/3, not the old 99/4
-    # est. 1e12 / 10 steps = 100 GFLOP; measured 110 GFLOP -> 1.10; wall 120 s / 100 s -> 1.20.
-    assert ("| teacher | 10 | 100 GFLOP | 110 GFLOP | 1.10 | 1.67 min | 2 min | 1.20 | "
-            "2.17 min | 512 |") in text
-    # Not trained yet / no measurement: estimates only.
-    assert "| student_kd | 4 | 50 GFLOP | - | - | 50 s | - | - | - | - |" in text
+    # est. 1e12 / 10 steps = 1e11 per step; measured 1.1e11 -> 1.10; wall 120 s / 100 s -> 1.20.
+    f, d = units.flops, units.duration
+    assert (f"| teacher | 10 | {f(1e11)} | {f(1.1e11)} | 1.10 | {d(100)} | {d(120)} | 1.20 | "
+            f"{d(130.5)} | 512 |") in text
+    # Not trained yet / no measurement: estimates only (2e11 over ceil(1000 / 256) = 4 steps).
+    assert f"| student_kd | 4 | {f(5e10)} | - | - | {d(50)} | - | - | - | - |" in text
 
 
 def test_report_without_matplotlib_notes_the_skip(run_dir, monkeypatch):

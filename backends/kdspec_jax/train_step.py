@@ -202,7 +202,7 @@ def make_train_step(
         loss, parts, grads = _accumulate(objective, state.params, batch, frozen, count)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
                    "n_targets": n_targets}
         if lr_fn is not None:
             metrics["lr"] = lr_fn(state.step)

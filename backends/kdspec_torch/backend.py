@@ -41,4 +41,7 @@ class TorchBackend:
             raise NotImplementedError(
                 f"the torch backend cannot run `{node.id}`, a {what} (node kinds: "
                 f"{', '.join(NODE_RUNNERS)}; train stage kinds: {', '.join(OBJECTIVES)})")
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()  # the executor draws its own progress
         _runner(node.kind)(ctx)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -29,15 +28,7 @@ def load_tokenizer(name: str, *, spec_dir: Path, work_dir: Path) -> PreTrainedTo
 
 
 def _builtin(name: str, work_dir: Path) -> PreTrainedTokenizerFast:
-    from kdspec.data.tokenizer import build_tokenizer
+    from kdspec.data.tokenizer import build_tokenizer, special_token_kwargs
 
-    path = Path(build_tokenizer(name, work_dir))
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    specials = json.loads((path.parent / "special_tokens.json").read_text())
-    tokens = {
-        f"{role}_token": specials[role]
-        for role in ("pad", "unk", "bos", "eos")
-        if specials.get(role) is not None
-    }
-    return PreTrainedTokenizerFast(tokenizer_file=str(path), **tokens)
+    path = build_tokenizer(name, work_dir)
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), **special_token_kwargs(path.parent))

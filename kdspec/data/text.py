@@ -12,11 +12,15 @@ Decoding joins tokens with one space and then removes the space before `. , ? ! 
 
 from __future__ import annotations
 
+import re
 import string
 import unicodedata
 
 # Punctuation the decoder attaches to the preceding token ("3 ." -> "3.").
 GLUED_PUNCTUATION = (".", ",", "?", "!", ":", ";")
+# Unicode White_Space, as Rust's `char::is_whitespace`: Python's `str.split()` would also split
+# on the separators U+001C..U+001F, which `WhitespaceSplit` keeps inside words.
+_WHITESPACE = re.compile(r"[^\S\x1c-\x1f]+")
 
 
 def is_punctuation(char: str) -> bool:
@@ -31,7 +35,7 @@ def is_punctuation(char: str) -> bool:
 def pretokenize(text: str) -> list[str]:
     """Split on whitespace, then make every punctuation character a token of its own."""
     tokens: list[str] = []
-    for chunk in text.split():
+    for chunk in _WHITESPACE.split(text):
         word = ""
         for char in chunk:
             if is_punctuation(char):

@@ -11,8 +11,10 @@ from .base import StrictModel
 Family = Literal["llama", "qwen2", "gemma2", "gpt2", "t5"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
-# Families whose input embedding and output head share weights by default (as HF builds them).
-TIED_BY_DEFAULT = {"gemma2", "gpt2"}
+# Families whose input embedding and output head share weights by default, as transformers 5
+# builds them from a config (its T5Config forces tied weights; a v1.1 checkpoint loaded with
+# from_pretrained keeps its separate head).
+TIED_BY_DEFAULT = {"gemma2", "gpt2", "t5"}
 
 
 class ArchConfig(StrictModel):

@@ -134,7 +134,6 @@ def test_grad_accumulation_gives_the_same_update(make_run) -> None:
     b = load_file(two.model_dir("sft") / "model.safetensors")
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-5, worst
-    print("WORST", worst)
 
 
 if __name__ == "__main__":

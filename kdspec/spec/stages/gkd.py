@@ -25,7 +25,8 @@ class GKDStage(TeacherStage):
         0.5, description="JSD mixture weight; 0 = forward KL, 1 = reverse KL (special-cased)."
     )
     temperature: PositiveFloat = Field(
-        0.9, description="Sampling temperature, also applied to the loss logits (as TRL does)."
+        0.9, description="Sampling temperature of the on-policy (and seq_kd) samples. The loss "
+        "is at temperature 1, as in TRL's GKDTrainer (whose compute_loss does not pass it on)."
     )
     max_new_tokens: int = Field(128, gt=0, description="Tokens per on-policy sample.")
     seq_kd: bool = Field(False, description="Use teacher generations for the off-policy batches.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..base import Fraction, PositiveFloat
 from .common import OptimizerConfig, ScheduleConfig, TeacherCache, TeacherStage
@@ -16,7 +16,8 @@ def _minillm_optimizer() -> OptimizerConfig:
 
 
 def _constant() -> ScheduleConfig:
-    return ScheduleConfig(kind="constant")
+    # The official scripts: constant lr after 100 warmup iterations (--warmup-iters 100).
+    return ScheduleConfig(kind="constant", warmup_steps=100)
 
 
 class MiniLLMStage(TeacherStage):
@@ -49,8 +50,13 @@ class MiniLLMStage(TeacherStage):
     single_step_reg: bool = Field(
         True, description="Add the exact per-position reverse KL (single-step decomposition)."
     )
-    reward_scaling: PositiveFloat = Field(0.5, description="Multiply rewards by this.")
-    cliprange_reward: PositiveFloat = Field(100.0, description="Clip rewards to ±this.")
+    reward_scaling: PositiveFloat = Field(
+        0.5, description="Divide the per-token rewards by this (as the official sampler does; "
+        "0.5 doubles them), before clipping."
+    )
+    cliprange_reward: PositiveFloat = Field(
+        100.0, description="Clip the scaled per-token rewards to ±this."
+    )
     kd_ratio: Fraction = Field(
         0.5, description="Pre-training loss = (1-r)·LM CE + r·forward KL to the teacher."
     )
@@ -60,3 +66,17 @@ class MiniLLMStage(TeacherStage):
     temperature: PositiveFloat = Field(1.0, description="Rollout sampling temperature.")
     top_k: int = Field(0, ge=0, description="Rollout top-k; 0 disables.")
     top_p: Fraction = Field(1.0, description="Rollout nucleus p; 1 disables.")
+
+    @model_validator(mode="after")
+    def _rollout_shapes(self) -> MiniLLMStage:
+        if self.max_length <= self.max_prompt_length:
+            raise ValueError(
+                f"max_length ({self.max_length}) must exceed max_prompt_length "
+                f"({self.max_prompt_length}): responses get max_length - max_prompt_length tokens"
+            )
+        if self.num_rollouts < self.batch_size:
+            raise ValueError(
+                f"num_rollouts ({self.num_rollouts}) must be at least batch_size "
+                f"({self.batch_size}): each PPO step takes batch_size rollouts"
+            )
+        return self
