@@ -184,8 +184,9 @@ class Generation:
         return self.mask.sum(dim=-1)
 
     def sequences(self) -> tuple[Tensor, Tensor]:
-        """Prompt and generation as one left-padded batch ``(input_ids, attention_mask)``, ready
-        for a full forward pass (e.g. to score the rollout under another model)."""
+        """Prompt and generation as one batch ``(input_ids, attention_mask)``, ready for a full
+        forward pass (e.g. to score the rollout under another model); pass
+        ``position_ids = (mask.cumsum(-1) - 1).clamp(min=0)`` so positions match generation."""
         ids = torch.cat([self.prompt_ids, self.tokens], dim=-1)
         mask = torch.cat([self.prompt_mask.long(), self.mask.long()], dim=-1)
         return ids, mask

@@ -23,6 +23,7 @@ from .builtin import BUILTIN, load_builtin, unknown_builtin
 from .errors import DataError
 
 SCHEMES = ("builtin", "jsonl", "text", "parquet", "hf")
+DEFAULT_BUILTIN_N = 1000  # records a builtin source makes when the spec gives no `n`
 FILE_SCHEMES = ("jsonl", "text", "parquet")
 SOURCE_SYNTAX = "builtin:NAME, jsonl:PATH, text:PATH, parquet:PATH or hf:NAME[:CONFIG]"
 # Names an "eval" split may have in a HuggingFace dataset, tried in order.
@@ -82,7 +83,7 @@ def load_records(
 ) -> list[dict]:
     """The records of `source`, fields renamed, the first `n` kept.
 
-    `split` and `seed` choose builtin records (a builtin source needs `n`); `split` picks the
+    `split` and `seed` choose builtin records (a builtin source makes `n` records, 1000 by default); `split` picks the
     split of an hf dataset (`eval` falls back to validation/valid/dev/test); files have no splits
     and ignore both: name a separate file for evaluation.
     """
@@ -90,8 +91,7 @@ def load_records(
     if n is not None and n < 0:
         raise DataError(f"data source {source!r}: n must be >= 0, got {n}")
     if scheme == "builtin":
-        if n is None:
-            raise DataError(f"data source {source!r}: a builtin dataset needs n (records to make)")
+        n = DEFAULT_BUILTIN_N if n is None else n
         rows: Sequence[Mapping[str, Any]] = load_builtin(rest, split=split, n=n, seed=seed)
     elif scheme == "hf":
         rows = _read_hf(source, rest, split, n)
@@ -182,9 +182,11 @@ def _read_jsonl(source: str, path: Path, n: int | None) -> list[dict]:
 
 def _parse_json_object(source: str, path: Path, lineno: int, line: str) -> dict:
     try:
-        value = json.loads(line)
+        value = json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as err:
-        raise DataError(f"data source {source!r}: {path}:{lineno}: invalid JSON: {err}") from err
+        raise DataError(
+            f"data source {source!r}: {path}:{lineno}:{err.colno}: invalid JSON: {err.msg}"
+        ) from err
     if not isinstance(value, dict):
         raise DataError(
             f"data source {source!r}: {path}:{lineno}: expected a JSON object per line, "

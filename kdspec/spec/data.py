@@ -17,7 +17,9 @@ class DataSource(StrictModel):
         "`parquet:PATH` or `hf:NAME[:CONFIG]`; paths are relative to the spec file."
     )
     split: str = Field("train", description="Split to read (builtin and hf sources).")
-    n: Quantity | None = Field(None, description="Use at most this many records.")
+    n: Quantity | None = Field(
+        None, description="Use at most this many records (a builtin source makes n; 1000 if unset)."
+    )
     fields: dict[str, str] = Field(
         default_factory=dict,
         description="Rename fields to kdspec's names: `{prompt: question}` reads `question` as "
@@ -33,4 +35,7 @@ class DataSource(StrictModel):
             raise ValueError(
                 f"expected `SCHEME:WHAT` with SCHEME one of {', '.join(SCHEMES)}, got {value!r}"
             )
+        from ..data.sources import parse_source  # pure Python; names unknown builtin datasets
+
+        parse_source(value)
         return value

@@ -17,8 +17,13 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
+
+# Models here are tiny (d_model 32-64): one intra-op thread is as fast as two on an idle machine
+# and avoids OpenMP spin-waits that slow a shared 2-core machine tenfold (measured: 3 s vs 41 s
+# for test_backend_stages under load 5). Subprocess workers get OMP_NUM_THREADS=1 to match.
+torch.set_num_threads(1)
 
 from kdspec.plan.graph import Plan  # noqa: E402
 from kdspec.plan.planner import build_plan  # noqa: E402

@@ -3,8 +3,8 @@ uninterrupted run; micro-batching does not change the update.
 
 The killed run is a real subprocess (this file run as a script) that SIGKILLs itself right after
 a given optimizer step, between two checkpoints; the reference and the rerun run in this
-process. All three use one intra-op thread: the same kernels, and no thread contention on a
-shared machine."""
+process. All three use one intra-op thread (conftest sets it here, OMP_NUM_THREADS in the
+worker), so they run the same kernels."""
 
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ def _worker(folder: Path, kill_after: int) -> None:
     """Run the `student` node into `folder/run`; SIGKILL this process after `kill_after`."""
     from kdspec_torch.backend import TorchBackend
 
-    torch.set_num_threads(1)
     run = planned_run(RESUME_STAGES, folder / "spec", folder / "run")
 
     def emit(event) -> None:
@@ -45,21 +44,13 @@ def _spawn(folder: Path, kill_after: int) -> subprocess.CompletedProcess:
                           cwd=Path(__file__).parent)
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(run_dir / "student" / "model" / "model.safetensors")
 
 
-def test_killed_and_rerun_ends_with_identical_weights(tmp_path: Path, one_thread) -> None:
+def test_killed_and_rerun_ends_with_identical_weights(tmp_path: Path) -> None:
     reference = planned_run(RESUME_STAGES, tmp_path / "spec", tmp_path / "reference")
     reference.run("student")
 

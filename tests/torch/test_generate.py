@@ -18,7 +18,16 @@ from kdspec_torch.generate import (  # noqa: E402
     sampling_probs,
     warp_logits,
 )
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.generation.logits_process import (  # noqa: E402
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -81,6 +90,27 @@ def test_greedy_equals_hf_generate_on_a_left_padded_batch(model, batch):
     assert bool(out.finished[1]) and out.lengths[1] == first_eos + 1
     assert (out.tokens[1, first_eos + 1:] == PAD).all() and not out.mask[1, first_eos + 1:].any()
     assert out.token_lists()[1] == free.tokens[1, :first_eos].tolist()
+
+
+def other_family(family: str):
+    torch.manual_seed(0)
+    ids = dict(pad_token_id=PAD, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+    if family == "gpt2":  # learned positions
+        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                          n_positions=64, **ids)).eval()
+    sizes = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **ids)
+    if family == "gemma2":  # a sliding window shorter than prompt + generation
+        return Gemma2ForCausalLM(Gemma2Config(head_dim=8, sliding_window=4, **sizes)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(**sizes)).eval()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma2", "qwen2"])
+def test_greedy_equals_hf_generate_for_other_families(family, batch):
+    model, (ids, mask) = other_family(family), batch
+    out = generate(model, ids, mask, Sampling(max_new_tokens=10), eos_token_id=None,
+                   pad_token_id=PAD)
+    assert out.tokens.tolist() == _hf_greedy(model, ids, mask, 10, eos=None).tolist()
 
 
 def test_padded_rows_continue_as_they_would_alone(model, batch):

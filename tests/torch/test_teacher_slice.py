@@ -95,7 +95,7 @@ def test_sampled_slice_is_unbiased() -> None:
     assert np.all(np.abs(mean - p) < 4 * se), (mean - p) / se
     # ...and the test can tell: the top-K target is off by far more than that.
     top_ids, top_probs = topk_slice(x[:1], k, temperature=t)
-    assert np.abs(densify_slice(top_ids, top_probs, vocab)[0].numpy() - p).max() > 100 * se.max()
+    assert np.abs(densify_slice(top_ids, top_probs, vocab)[0].numpy() - p).max() > 20 * se.max()
 
 
 def test_sparse_soft_cross_entropy_is_unbiased_for_the_full_one() -> None:
