@@ -58,8 +58,12 @@ def _all_builtin_texts(n: int) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # pure-Python pre-tokenisation agrees with the HuggingFace pipeline
 
+# Up to U+2FFF (Latin, Greek, Cyrillic, CJK punctuation, symbols): Python's and Rust's Unicode
+# tables can disagree on characters of scripts added in newer Unicode versions.
 _TEXT = st.text(
-    alphabet=st.characters(whitelist_categories=("L", "N", "P", "S", "Z", "Cc", "Cf")),
+    alphabet=st.characters(
+        whitelist_categories=("L", "N", "P", "S", "Z", "Cc", "Cf"), max_codepoint=0x2FFF
+    ),
     max_size=40,
 )
 

@@ -147,7 +147,9 @@ def jit_train_step(
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """``jax.jit`` a train step so that the new state keeps ``shardings`` and the metrics
     come back replicated. Put the inputs in place first (``jax.device_put(state, shardings)``,
-    :func:`shard_batch`); ``donate`` reuses the old state's buffers for the new one."""
+    :func:`shard_batch`); ``donate`` reuses the old state's buffers for the new one, which
+    deletes them, and with them any array ``device_put`` aliased into that state (keep a host
+    copy of what you still need)."""
     return jax.jit(
         step,
         out_shardings=(shardings, replicated(mesh)),

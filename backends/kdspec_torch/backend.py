@@ -17,6 +17,7 @@ from .objectives import OBJECTIVES
 NODE_RUNNERS: dict[str, str] = {
     "train": "kdspec_torch.train_node:run_train_node",
     "teacher_logits": "kdspec_torch.teacher_logits:run_teacher_logits",
+    "eval": "kdspec_torch.eval_node:run_eval",
 }
 
 

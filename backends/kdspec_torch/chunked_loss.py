@@ -95,10 +95,12 @@ def chunked_kd_loss(
     cached slice ``(ids, probs)`` of ``[..., K]`` (``forward_kl`` only). The teacher gets no
     gradient. ``chunk_size`` rows per chunk; None picks :func:`default_chunk_size`.
 
-    Returns an fp32 scalar; gradients reach ``student_hidden`` and ``student_head_weight`` in their
-    own dtypes. The gradients are computed in the forward pass, so a call costs the forward and
-    backward matmuls whether or not ``backward`` follows (under ``torch.no_grad``, or for inputs
-    that do not require grad, those matmuls are skipped).
+    Returns a scalar in fp32 (fp64 for fp64 inputs); gradients reach ``student_hidden`` and
+    ``student_head_weight`` in their own dtypes. The gradients are computed in the forward pass,
+    so a call costs the forward and backward matmuls whether or not ``backward`` follows (under
+    ``torch.no_grad``, or for inputs that do not require grad, those matmuls are skipped); and
+    backward hands them over without a copy, so it can run only once per call (no
+    ``retain_graph``: a second backward raises).
     """
     kind = resolve_teacher(
         student_hidden,

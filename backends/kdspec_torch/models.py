@@ -145,6 +145,12 @@ def load_model(
     mode. Fresh `arch:` weights are seeded from the spec seed and the model's name, so every
     stage that starts from the same `models:` entry starts from the same weights."""
     dtype = _dtype(ref.get("dtype", "auto"), dev, trainable)
+    own = ref.get("tokenizer")
+    if own is not None and own != ctx.node.config.get("tokenizer"):
+        raise NotImplementedError(
+            f"model `{ref['model']}` names its own tokenizer {own!r}; the torch backend "
+            "tokenizes every stage's data with the spec's `tokenizer`, so give the model that "
+            "one (or none)")
     if "stage" in ref:
         model = _from_folder(_stage_folder(ctx, role, ref["stage"]), dtype, attn)
     elif ref.get("preset") is not None:

@@ -83,7 +83,7 @@ def load_records(
 ) -> list[dict]:
     """The records of `source`, fields renamed, the first `n` kept.
 
-    `split` and `seed` choose builtin records (a builtin source makes `n` records, 1000 by default); `split` picks the
+    `split` and `seed` choose builtin records (`n` of them, 1000 by default); `split` picks the
     split of an hf dataset (`eval` falls back to validation/valid/dev/test); files have no splits
     and ignore both: name a separate file for evaluation.
     """

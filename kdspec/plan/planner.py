@@ -168,7 +168,8 @@ def _check_names(builder: _Builder) -> None:
     for index, stage in enumerate(builder.spec.stages):
         if stage.name in seen:
             builder.error(("stages", index, "name"),
-                          f"stage name `{stage.name}` is used twice (first at stages[{seen[stage.name]}])")
+                          f"stage name `{stage.name}` is used twice "
+                          f"(first at stages[{seen[stage.name]}])")
         seen.setdefault(stage.name, index)
         if stage.name in builder.spec.models:
             builder.error(("stages", index, "name"),

@@ -13,7 +13,6 @@ from typing import Any
 from ..estimate import workloads as wl
 from ..estimate.arch import ArchDims
 from ..estimate.hardware import Hardware
-from ..spec import Spec
 from .archinfo import origin_dims
 from .checks import _origin
 

@@ -64,7 +64,8 @@ def parse_quantity(value: object) -> int:
 _QUANTITY_SCHEMA = {
     "anyOf": [
         {"type": "integer", "minimum": 0},
-        {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?\s*([KMGBTP]i?)?\s*$"},
+        {"type": "string",
+         "pattern": r"^\s*[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?\s*([KMGBTP]i?)?\s*$"},
     ],
     "description": "A count; suffixes K M B T P (powers of 1000) or Ki Mi Gi Ti (powers of 1024).",
 }

@@ -10,7 +10,9 @@ from .base import StrictModel
 class Parallelism(StrictModel):
     """How the devices are used: data-parallel replicas, ZeRO/FSDP sharding, tensor parallel."""
 
-    data: int | None = Field(None, gt=0, description="Data-parallel degree; default count / tensor.")
+    data: int | None = Field(
+        None, gt=0, description="Data-parallel degree; default count / tensor."
+    )
     zero_stage: int = Field(
         0, ge=0, le=3,
         description="ZeRO/FSDP stage over the data-parallel group: 1 shards optimizer states, "

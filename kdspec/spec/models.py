@@ -30,7 +30,9 @@ class ArchConfig(StrictModel):
     n_kv_heads: int | None = Field(
         None, gt=0, description="Key/value heads for grouped-query attention; default n_heads."
     )
-    head_dim: int | None = Field(None, gt=0, description="Per-head size; default d_model / n_heads.")
+    head_dim: int | None = Field(
+        None, gt=0, description="Per-head size; default d_model / n_heads."
+    )
     d_ff: int = Field(gt=0, description="MLP intermediate size (gated for llama/qwen2/gemma2/t5).")
     max_seq_len: int = Field(2048, gt=0, description="Maximum positions (learned for gpt2).")
     tie_embeddings: bool | None = Field(

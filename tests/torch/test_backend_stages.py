@@ -156,6 +156,20 @@ def test_kd_objective_equals_its_formula_plain_and_chunked(pipeline: TinyRun) ->
     assert torch.allclose(student.lm_head.weight.grad, grad_plain, rtol=1e-4, atol=1e-7)
 
 
+def test_cached_teacher_objective_plain_equals_chunked(pipeline: TinyRun) -> None:
+    from kdspec_torch.objectives.distill import Distill
+    from kdspec_torch.teacher_cache import CacheReader
+
+    cache = CacheReader.open(pipeline.run_dir / "kd_topk.teacher_logits" / "cache")
+    _, student, data = _student_and_batch(pipeline)
+    batch = data.batch(torch.tensor(sorted(cache.position)[:2]))
+    cfg = KDLoss(hard_label_weight=0.5)
+    plain, terms = Distill(cfg, chunked=False, cache=cache).loss(student, batch)
+    chunked, _ = Distill(cfg, chunked=True, cache=cache).loss(student, batch)
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-5)
+    assert plain.item() == pytest.approx(0.5 * terms["kd"] + 0.5 * terms["ce"], rel=1e-6)
+
+
 def test_cached_teacher_refuses_divergences_a_slice_cannot_define(pipeline: TinyRun) -> None:
     from kdspec_torch.objectives.distill import Distill
     from kdspec_torch.teacher_cache import CacheReader
