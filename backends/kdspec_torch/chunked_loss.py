@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -235,9 +236,8 @@ def _loss_and_grads(
         h = hidden.index_select(0, idx).to(dtype)
         y = None if labels is None else labels.index_select(0, idx)
         teacher = _Teacher(teacher_a, teacher_head, idx, opts)
-        loss_rows, g = _chunk_loss_and_grad(h @ head.T, teacher, y, opts)
+        loss_rows, g = _chunk_loss_and_grad(h, head, teacher, y, n, opts)
         loss_sum += loss_rows.sum(dtype=torch.float64)
-        g.div_(n)
         if grad_hidden is not None:
             grad_hidden.index_copy_(0, idx, g @ head)
         if grad_weight is not None:
@@ -263,8 +263,9 @@ class _Teacher:
     def log_probs(self) -> Tensor:
         """``log softmax(teacher logits / T)`` of the chunk, in a fresh buffer."""
         rows = self.source.index_select(0, self.idx).to(self.opts.dtype)
-        logits = rows @ self.extra.T if self.opts.kind == "hidden" else rows
-        return _log_softmax_(logits, self.opts.temperature)
+        if self.opts.kind == "hidden":
+            rows = rows @ self.extra.T
+        return _log_softmax(rows, self.opts.temperature)
 
     def slice(self) -> tuple[Tensor, Tensor]:
         ids = self.source.index_select(0, self.idx).long()
@@ -272,45 +273,51 @@ class _Teacher:
 
 
 def _chunk_loss_and_grad(
-    z: Tensor, teacher: _Teacher, labels: Tensor | None, opts: _Options
+    h: Tensor, head: Tensor, teacher: _Teacher, labels: Tensor | None, n: int, opts: _Options
 ) -> tuple[Tensor, Tensor]:
-    """Per-row loss of a chunk of student logits ``z`` and its gradient ``∂(Σ rows)/∂z``.
+    """Per-row loss of a chunk of hidden states ``h`` and the gradient ``∂(Σ rows / n)/∂z`` in
+    its logits ``z = h @ headᵀ``.
 
-    ``z`` is consumed: it becomes ``log q``, then ``q``, then (for most divergences) the
-    gradient. The kernels work in place so that a chunk holds 2 (reverse KL, slice), 3 (forward
-    KL) or 4 (JSD) ``[chunk, vocab]`` buffers, plus one for hard labels at ``T != 1``.
+    The student's log-probs become ``q`` and then the gradient in place, so a chunk holds 2
+    (reverse KL, slice), 3 (forward KL) or 4 (JSD) ``[chunk, vocab]`` buffers at once, plus one
+    for hard labels at ``T != 1``.
     """
     t = opts.temperature
     w = opts.hard_label_weight
-    c_div = (1.0 - w) * opts.soft_scale / t  # ∂loss/∂z = c_div·∂div/∂s + hard-label part
+    # ∂loss/∂z = c_div·∂div/∂s + c_q·q + (hard-label terms), the mean's 1/n folded in.
+    c_div = (1.0 - w) * opts.soft_scale / (t * n)
+    c_q = w / n if t == 1.0 else 0.0  # at T = 1 the hard-label softmax(z) is q itself
+    z = h @ head.T
     hard_rows = hard_probs = None
     if w > 0:
         target = labels[:, None]
-        lse = torch.logsumexp(z, dim=1)
-        hard_rows = lse - z.gather(1, target).squeeze(1)  # CE at temperature 1
         if t != 1.0:
-            hard_probs = z.sub(lse[:, None]).exp_()
-    # At T == 1 the hard-label gradient's softmax(z) is the student's q: the kernel adds it.
-    c_q = w if (w > 0 and t == 1.0) else 0.0
-    log_q = _log_softmax_(z, t)
+            hard_probs = F.log_softmax(z, dim=1)
+            hard_rows = -hard_probs.gather(1, target).squeeze(1)
+            hard_probs.exp_()
+    log_q = _log_softmax(z, t)
+    del z
+    if w > 0 and t == 1.0:
+        hard_rows = -log_q.gather(1, target).squeeze(1)
     kernel = _slice_forward_kl if opts.kind == "topk" else _KERNELS[opts.divergence]
     div, grad = kernel(log_q, teacher, opts.beta, c_div, c_q)
     loss = div.mul_((1.0 - w) * opts.soft_scale)
     if w > 0:
         loss.add_(hard_rows, alpha=w)
         if hard_probs is not None:
-            grad.add_(hard_probs, alpha=w)
-        grad.scatter_add_(1, target, torch.full(target.shape, -w, dtype=grad.dtype))
+            grad.add_(hard_probs, alpha=w / n)
+        grad.scatter_add_(1, target, torch.full(target.shape, -w / n, dtype=grad.dtype))
     return loss, grad
 
 
-def _log_softmax_(logits: Tensor, temperature: float) -> Tensor:
-    """``log softmax(logits / T)`` in place, with ``-inf`` raised to the dtype's lowest finite
-    value so that ``0 · (log a − log b)`` is 0, not NaN (its exp is still exactly 0)."""
+def _log_softmax(logits: Tensor, temperature: float) -> Tensor:
+    """``log softmax(logits / T)`` (``logits`` is scaled in place), with ``-inf`` raised to the
+    dtype's lowest finite value so that ``0 · (log a − log b)`` is 0, not NaN (its exp is still
+    exactly 0)."""
     if temperature != 1.0:
         logits.div_(temperature)
-    logits.sub_(torch.logsumexp(logits, dim=1, keepdim=True))
-    return logits.clamp_min_(torch.finfo(logits.dtype).min)
+    out = F.log_softmax(logits, dim=1)
+    return out.clamp_min_(torch.finfo(out.dtype).min)
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:

@@ -18,11 +18,11 @@ Conventions shared by every loss here:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "DIVERGENCES",
@@ -31,7 +31,6 @@ __all__ = [
     "forward_kl",
     "generalized_jsd",
     "kd_loss",
-    "kl_terms",
     "resolve_teacher",
     "reverse_kl",
     "soft_cross_entropy",
@@ -55,12 +54,32 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 
 
 def _log_probs(logits: Tensor, temperature: float) -> Tensor:
-    """``log softmax(logits / T)`` over the last dim, in fp32 or wider."""
+    """``log softmax(logits / T)`` over the last dim, in fp32 or wider, with ``-inf`` raised to
+    the dtype's lowest finite value: its exp is still exactly 0, but ``0 · (log a − log b)`` is
+    then 0 where ``0 · (−inf − x)`` would be NaN (``0 · log 0 = 0``)."""
     _check_temperature(temperature)
     x = logits.to(_compute_dtype(logits))
     if temperature != 1.0:
         x = x / temperature
-    return F.log_softmax(x, dim=-1)
+    return _FiniteLogSoftmax.apply(x)
+
+
+class _FiniteLogSoftmax(torch.autograd.Function):
+    """``log_softmax`` floored in place at ``finfo.min``. One autograd op keeps the memory of a
+    plain ``log_softmax`` (it saves only its output); a separate clamp would add a buffer."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        out = F.log_softmax(x, dim=-1).clamp_min_(torch.finfo(x.dtype).min)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (out,) = ctx.saved_tensors
+        # ∂/∂x of log_softmax: grad − softmax · Σ grad (softmax is exactly 0 at floored entries).
+        return out.exp().mul_(grad.sum(dim=-1, keepdim=True)).neg_().add_(grad)
 
 
 def _check_temperature(temperature: float) -> None:
@@ -73,24 +92,36 @@ def _check_beta(beta: float) -> None:
         raise ValueError(f"JSD beta must be in [0, 1], got {beta}")
 
 
-def _finite_floor(log_probs: Tensor) -> Tensor:
-    # exp(finfo.min) is still exactly 0, but 0 · (finfo.min − x) is 0 where 0 · (−inf − x) is NaN;
-    # the clamp's gradient is 0 at those entries, so no NaN flows back either.
-    return log_probs.clamp_min(torch.finfo(log_probs.dtype).min)
+# Per-position terms, from finite log-probabilities (as _log_probs returns them).
 
 
-def kl_terms(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """Per-position ``KL(a‖b) = Σ_v a_v (log a_v − log b_v)`` from log-probabilities.
-
-    Terms with ``a_v == 0`` are exactly 0 (``0 · log 0 = 0``), also where ``log b_v = -inf``.
-    """
-    log_a = _finite_floor(log_a)
-    return (log_a.exp() * (log_a - _finite_floor(log_b))).sum(dim=-1)
+def _kl_terms(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """``KL(a‖b) = Σ_v a_v (log a_v − log b_v)`` per position."""
+    return (log_a.exp() * (log_a - log_b)).sum(dim=-1)
 
 
 def _cross_entropy_terms(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """Per-position ``H(a, b) = −Σ_v a_v log b_v``, with ``0 · log 0 = 0``."""
-    return -(log_a.exp() * _finite_floor(log_b)).sum(dim=-1)
+    """``H(a, b) = −Σ_v a_v log b_v`` per position."""
+    return -(log_a.exp() * log_b).sum(dim=-1)
+
+
+def _jsd_terms(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
+    """``JSD_β`` per position (TRL's special cases at β = 0 and 1; see generalized_jsd)."""
+    if beta == 0.0:
+        return _kl_terms(log_p, log_q)
+    if beta == 1.0:
+        return _kl_terms(log_q, log_p)
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    return beta * _kl_terms(log_p, log_m) + (1.0 - beta) * _kl_terms(log_q, log_m)
+
+
+def _divergence_terms(name: str, log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
+    """The divergence ``name`` per position, teacher ``log p``, student ``log q``."""
+    if name == "forward_kl":
+        return _kl_terms(log_p, log_q)
+    if name == "reverse_kl":
+        return _kl_terms(log_q, log_p)
+    return _jsd_terms(log_p, log_q, beta)
 
 
 def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
@@ -136,7 +167,7 @@ def forward_kl(
     _check_pair(student_logits, teacher_logits)
     log_q = _log_probs(student_logits, temperature)
     log_p = _log_probs(teacher_logits, temperature)
-    return _masked_mean(kl_terms(log_p, log_q), mask)
+    return _masked_mean(_kl_terms(log_p, log_q), mask)
 
 
 def reverse_kl(
@@ -155,7 +186,7 @@ def reverse_kl(
     _check_pair(student_logits, teacher_logits)
     log_q = _log_probs(student_logits, temperature)
     log_p = _log_probs(teacher_logits, temperature)
-    return _masked_mean(kl_terms(log_q, log_p), mask)
+    return _masked_mean(_kl_terms(log_q, log_p), mask)
 
 
 def generalized_jsd(
@@ -184,15 +215,6 @@ def generalized_jsd(
     log_q = _log_probs(student_logits, temperature)
     log_p = _log_probs(teacher_logits, temperature)
     return _masked_mean(_jsd_terms(log_p, log_q, beta), mask)
-
-
-def _jsd_terms(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
-    if beta == 0.0:
-        return kl_terms(log_p, log_q)
-    if beta == 1.0:
-        return kl_terms(log_q, log_p)
-    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-    return beta * kl_terms(log_p, log_m) + (1.0 - beta) * kl_terms(log_q, log_m)
 
 
 def soft_cross_entropy(
@@ -226,13 +248,6 @@ def cross_entropy_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100)
     return total / (labels != ignore_index).sum().clamp_min(1)
 
 
-_FULL: dict[str, Callable[..., Tensor]] = {
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "jsd": generalized_jsd,
-}
-
-
 def _unknown(name: str) -> ValueError:
     return ValueError(f"unknown divergence {name!r}; expected one of {', '.join(DIVERGENCES)}")
 
@@ -248,16 +263,14 @@ def divergence(
 ) -> Tensor:
     """The divergence called ``name`` in the spec: ``forward_kl``, ``reverse_kl`` or ``jsd``
     (``beta`` is used by ``jsd`` only)."""
-    if name not in _FULL:
+    if name not in DIVERGENCES:
         raise _unknown(name)
-    kwargs = {"temperature": temperature, "mask": mask}
+    _check_pair(student_logits, teacher_logits)
     if name == "jsd":
-        kwargs["beta"] = beta
-    return _FULL[name](student_logits, teacher_logits, **kwargs)
-
-
-# kd_loss's `divergence` argument (the YAML name) shadows the function inside it.
-_divergence_by_name = divergence
+        _check_beta(beta)
+    log_q = _log_probs(student_logits, temperature)
+    log_p = _log_probs(teacher_logits, temperature)
+    return _masked_mean(_divergence_terms(name, log_p, log_q, beta), mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,9 +280,8 @@ _divergence_by_name = divergence
 
 def _slice_log_q(
     student_logits: Tensor, teacher_ids: Tensor, teacher_probs: Tensor, temperature: float
-) -> tuple[Tensor, Tensor]:
-    """Student log-probs at the slice's ids (normalised over the FULL vocabulary) and the slice's
-    probabilities in the compute dtype."""
+) -> Tensor:
+    """The student's log-probs over the FULL vocabulary, after checking the slice's shapes."""
     if teacher_ids.shape != teacher_probs.shape:
         raise ValueError(
             f"teacher_ids {tuple(teacher_ids.shape)} and teacher_probs "
@@ -280,9 +292,16 @@ def _slice_log_q(
             f"teacher slice {tuple(teacher_ids.shape)} must match the student logits' leading "
             f"dims {tuple(student_logits.shape[:-1])}"
         )
-    log_q = _log_probs(student_logits, temperature)
-    log_q_ids = log_q.gather(-1, teacher_ids.long())
-    return log_q_ids, teacher_probs.to(log_q.dtype)
+    return _log_probs(student_logits, temperature)
+
+
+def _slice_kl_terms(log_q: Tensor, teacher_ids: Tensor, teacher_probs: Tensor) -> Tensor:
+    """``Σ_k p_k (log p_k − log q_{id_k})`` per position; slots with ``p_k = 0`` give 0."""
+    p = teacher_probs.to(log_q.dtype)
+    support = p > 0
+    log_p = torch.where(support, p, torch.ones_like(p)).log()
+    diff = torch.where(support, log_p - log_q.gather(-1, teacher_ids.long()), torch.zeros_like(p))
+    return (p * diff).sum(dim=-1)
 
 
 def sparse_forward_kl(
@@ -303,11 +322,8 @@ def sparse_forward_kl(
     distinct per position, or the ``p log p`` term is wrong (the student gradient is right either
     way). Reverse KL and JSD have no slice form: see :func:`sparse_divergence`.
     """
-    log_q_ids, p = _slice_log_q(student_logits, teacher_ids, teacher_probs, temperature)
-    support = p > 0
-    log_p = torch.where(support, p, torch.ones_like(p)).log()
-    diff = torch.where(support, log_p - log_q_ids, torch.zeros_like(p))
-    return _masked_mean((p * diff).sum(dim=-1), mask)
+    log_q = _slice_log_q(student_logits, teacher_ids, teacher_probs, temperature)
+    return _masked_mean(_slice_kl_terms(log_q, teacher_ids, teacher_probs), mask)
 
 
 def sparse_soft_cross_entropy(
@@ -323,9 +339,9 @@ def sparse_soft_cross_entropy(
     Linear in the target, so with a sampled-K slice (``E[target] = p``) its expectation is the
     full :func:`soft_cross_entropy`, and so is its gradient's.
     """
-    log_q_ids, p = _slice_log_q(student_logits, teacher_ids, teacher_probs, temperature)
-    safe = torch.where(p > 0, log_q_ids, torch.zeros_like(log_q_ids))
-    return _masked_mean(-(p * safe).sum(dim=-1), mask)
+    log_q = _slice_log_q(student_logits, teacher_ids, teacher_probs, temperature)
+    log_q_ids = log_q.gather(-1, teacher_ids.long())
+    return _masked_mean(-(teacher_probs.to(log_q.dtype) * log_q_ids).sum(dim=-1), mask)
 
 
 def sparse_divergence(
@@ -506,23 +522,40 @@ def kd_loss(
     )
     dtype = _compute_dtype(student_hidden)
     logits = student_hidden.to(dtype) @ student_head_weight.to(dtype).T
-    mask = None if labels is None else labels != ignore_index
+    log_q = _log_probs(logits, temperature)
     if kind == "topk":
         ids, probs = (t.detach() for t in teacher_topk)
-        soft = sparse_divergence(divergence, logits, ids, probs, temperature=temperature, mask=mask)
+        terms = _slice_kl_terms(log_q, ids, probs)
     else:
-        if kind == "hidden":
-            with torch.no_grad():
-                teacher_logits = teacher_hidden.to(dtype) @ teacher_head_weight.to(dtype).T
-        soft = _divergence_by_name(
-            divergence,
-            logits,
-            teacher_logits.detach(),
-            beta=beta,
-            temperature=temperature,
-            mask=mask,
+        log_p = _teacher_log_probs(
+            teacher_logits, teacher_hidden, teacher_head_weight, temperature, dtype
         )
-    loss = (1.0 - hard_label_weight) * soft_scale * soft
+        terms = _divergence_terms(divergence, log_p, log_q, beta)
+    mask = None if labels is None else labels != ignore_index
+    loss = (1.0 - hard_label_weight) * soft_scale * _masked_mean(terms, mask)
     if hard_label_weight > 0:
-        loss = loss + hard_label_weight * cross_entropy_loss(logits, labels, ignore_index)
+        # At T = 1 the student's log-probs are the hard-label ones: no second log-softmax.
+        log_q1 = log_q if temperature == 1.0 else _log_probs(logits, 1.0)
+        loss = loss + hard_label_weight * _nll(log_q1, labels, ignore_index)
     return loss
+
+
+@torch.no_grad()
+def _teacher_log_probs(
+    logits: Tensor | None,
+    hidden: Tensor | None,
+    head_weight: Tensor | None,
+    temperature: float,
+    dtype: torch.dtype,
+) -> Tensor:
+    """The teacher's log-probs; its ``[tokens, vocab]`` logits die on return."""
+    if logits is None:
+        logits = hidden.to(dtype) @ head_weight.to(dtype).T
+    return _log_probs(logits.to(dtype), temperature)
+
+
+def _nll(log_probs: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """``−log q_y`` averaged over the labels that are not ``ignore_index``."""
+    flat = log_probs.reshape(-1, log_probs.shape[-1])
+    total = F.nll_loss(flat, labels.reshape(-1), ignore_index=ignore_index, reduction="sum")
+    return total / (labels != ignore_index).sum().clamp_min(1)

@@ -121,6 +121,20 @@ def _auto_class(config: PretrainedConfig) -> type:
     return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
 
 
+def attention_for(config: PretrainedConfig, attn: str) -> str:
+    """`attn`, except eager for a model class without an SDPA path (Gemma 2's soft-capped
+    attention logits, for one)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING,
+    )
+
+    mapping = (MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING if config.is_encoder_decoder
+               else MODEL_FOR_CAUSAL_LM_MAPPING)
+    supported = getattr(mapping.get(type(config), None), "_supports_sdpa", False)
+    return "eager" if attn == "sdpa" and not supported else attn
+
+
 def _dtype(name: str, dev: torch.device, trainable: bool) -> torch.dtype:
     """Trained weights stay fp32 (autocast does the bf16 math); a frozen model takes its
     `dtype`, where auto is bf16 on CUDA and fp32 on the CPU."""
@@ -163,7 +177,8 @@ def load_model(
         config = arch_config(ArchConfig.model_validate(ref["arch"]), tokenizer)
         with preserved_rng():
             torch.manual_seed(derive_seed(ctx.node.config.get("seed", 0), "init", ref["model"]))
-            model = _auto_class(config).from_config(config, attn_implementation=attn, dtype=dtype)
+            model = _auto_class(config).from_config(
+                config, attn_implementation=attention_for(config, attn), dtype=dtype)
     else:
         model = _from_folder(_source(ctx, ref["source"]), dtype, attn)
     model.to(dev)
@@ -191,7 +206,8 @@ def _source(ctx: NodeContext, source: str) -> str | Path:
 
 def _from_folder(where: str | Path, dtype: torch.dtype, attn: str) -> PreTrainedModel:
     config = AutoConfig.from_pretrained(where)
-    return _auto_class(config).from_pretrained(where, dtype=dtype, attn_implementation=attn)
+    return _auto_class(config).from_pretrained(where, dtype=dtype,
+                                               attn_implementation=attention_for(config, attn))
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:

@@ -44,3 +44,57 @@ def build_hf_model(config: Any, seed: int = 0) -> Any:
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
     return model
+
+
+# ---- tiny specs run node by node on the JAX backend ----------------------------------------
+
+TINY_ARCH: dict[str, Any] = {"family": "llama", "d_model": 32, "n_layers": 2, "n_heads": 4,
+                             "n_kv_heads": 2, "d_ff": 64, "max_seq_len": 64}
+TEACHER_ARCH: dict[str, Any] = {"family": "gemma2", "d_model": 48, "n_layers": 2, "n_heads": 2,
+                                "n_kv_heads": 1, "head_dim": 16, "d_ff": 96, "max_seq_len": 64,
+                                "sliding_window": 8, "attn_softcap": 50.0,
+                                "final_softcap": 30.0}
+SEQ = 32
+
+
+def stage(name: str, kind: str, **fields: Any) -> dict[str, Any]:
+    """A training stage with test-sized defaults: 8 steps of 8 × 32 tokens, lr 3e-3."""
+    return {"name": name, "kind": kind, "data": "corpus", "steps": 8, "batch_size": 8,
+            "seq_len": SEQ, "log_every": 2, "checkpoint_every": 4, "optimizer": {"lr": 3e-3},
+            "schedule": {"warmup_steps": 2}, **fields}
+
+
+class TinyRun:
+    """A planned tiny spec whose nodes run one by one on the JAX backend, recording events."""
+
+    def __init__(self, stages: list[dict[str, Any]], spec_dir: Any, run_dir: Any,
+                 zero_stage: int = 0) -> None:
+        from kdspec.plan.planner import build_plan
+        from kdspec.spec import Spec
+
+        spec_dir.mkdir(parents=True, exist_ok=True)
+        self.spec = Spec.model_validate({
+            "kdspec": 1, "name": "tiny", "seed": 0, "tokenizer": "builtin:words",
+            "models": {"big": {"arch": TEACHER_ARCH}, "small": {"arch": TINY_ARCH}},
+            "data": {"corpus": {"source": "builtin:hmm", "n": 48}},
+            "hardware": {"parallelism": {"zero_stage": zero_stage}},
+            "stages": stages,
+        })
+        self.plan = build_plan(self.spec, base_dir=spec_dir, estimate=False)
+        assert not self.plan.errors, self.plan.errors
+        self.spec_dir, self.run_dir = spec_dir, run_dir
+        self.events: list[Any] = []
+
+    def ctx(self, node_id: str, emit: Any = None) -> Any:
+        from kdspec.run.backend import NodeContext
+
+        return NodeContext(self.plan.node(node_id), self.plan, self.spec, self.spec_dir,
+                           self.run_dir, self.run_dir / node_id, emit or self.events.append)
+
+    def run(self, node_id: str, emit: Any = None) -> None:
+        from kdspec_jax.backend import JaxBackend
+
+        JaxBackend().run_node(self.ctx(node_id, emit))
+
+    def of_kind(self, kind: str, node_id: str) -> list[Any]:
+        return [e for e in self.events if e.kind == kind and e.node == node_id]

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
-
 from kdspec_jax.model import JaxModelConfig, forward, init_params
 from kdspec_jax.weights import (
     copy_tokenizer,

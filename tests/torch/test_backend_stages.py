@@ -210,3 +210,24 @@ def test_sampled_cache_holds_draw_frequencies(pipeline: TinyRun) -> None:
     assert np.allclose(raw.sum(-1), 1.0)
     assert np.array_equal(raw * 16, np.round(raw * 16))  # counts / K, exact in fp16
     assert cache.manifest["mode"] == "sampled"
+
+
+def test_gemma2_and_gpt2_students_distill(make_run) -> None:
+    """Gemma 2 (eager attention, soft caps: the plain loss) and GPT-2 (tied head: the chunked
+    loss) students learn from an online llama teacher."""
+    gemma = {**TINY_ARCH, "family": "gemma2", "n_kv_heads": 2, "attn_softcap": 50.0,
+             "final_softcap": 30.0, "sliding_window": 16}
+    gpt2 = {**TINY_ARCH, "family": "gpt2", "n_kv_heads": None}
+    run = make_run(
+        [stage("teacher", "pretrain", student="big", steps=4),
+         stage("gemma", "pretrain_kd", student="gem", teacher="teacher"),
+         stage("gpt_kd", "pretrain_kd", student="gpt", teacher="teacher",
+               loss={"chunked": "on"})],
+        models={"big": {"arch": {**TINY_ARCH, "d_model": 64}}, "gem": {"arch": gemma},
+                "gpt": {"arch": gpt2}})
+    run.run("gemma")
+    run.run("gpt_kd")
+    for node in ("gemma", "gpt_kd"):
+        losses = [m["loss"] for m in run.metrics(node)]
+        assert losses[-1] < losses[0], (node, losses)
+    assert "kd" in run.metrics("gemma")[-1] and "kd" not in run.metrics("gpt_kd")[-1]

@@ -143,6 +143,8 @@ def test_chunked_auto_threshold() -> None:
     assert use_chunked("auto", CHUNK_AUTO_ELEMENTS // 1024, 1024)  # exactly at 2^27
     assert not use_chunked("auto", CHUNK_AUTO_ELEMENTS // 1024 - 1, 1024)
     assert use_chunked("on", 1, 1) and not use_chunked("off", 10**9, 10**6)
+    assert not use_chunked("auto", 10**9, 10**6, capable=False)  # e.g. Gemma 2's soft cap
+    assert use_chunked("on", 1, 1, capable=False)  # the loss then says why it cannot
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,3 +380,57 @@ def test_manifest_is_json_with_the_documented_keys(tmp_path: Path) -> None:
                              "rows", "rows_per_shard", "shards", "ids_dtype", "probs_dtype",
                              "bytes_per_token", "node_fingerprint", "teacher_fingerprint"}
     assert math.isclose(manifest["temperature"], 2.0)
+
+
+class _SeedCtx:
+    def __init__(self, folder: Path):
+        self.node = type("N", (), {"config": {"seed": 0, "tokenizer": "builtin:words"}})()
+        self.spec_dir = folder
+
+
+def test_sdpa_unless_the_model_has_none(words_tokenizer, tmp_path: Path) -> None:
+    from kdspec_torch.models import load_model
+    from kdspec_torch.objectives.base import head_problem, head_weight
+
+    arch = {**ARCH, "family": "gemma2", "attn_softcap": 50.0, "final_softcap": 30.0}
+    gemma = load_model({"model": "g", "arch": arch, "dtype": "auto"}, ctx=_SeedCtx(tmp_path),
+                       role="student", tokenizer=words_tokenizer, dev=torch.device("cpu"),
+                       trainable=True)
+    assert gemma.config._attn_implementation == "eager"  # Gemma 2 has no SDPA path
+    assert gemma.config.attn_logit_softcapping == 50.0
+    assert "soft-caps its final logits" in head_problem(gemma)
+    with pytest.raises(ValueError, match="use loss.chunked: off"):
+        head_weight(gemma)
+    llama = load_model({"model": "l", "arch": {**ARCH, "family": "llama"}, "dtype": "auto"},
+                       ctx=_SeedCtx(tmp_path), role="student", tokenizer=words_tokenizer,
+                       dev=torch.device("cpu"), trainable=False)
+    assert llama.config._attn_implementation == "sdpa"
+    assert head_problem(llama) is None
+    assert not llama.training and not any(p.requires_grad for p in llama.parameters())
+
+
+def test_fresh_weights_depend_on_the_model_name_only(words_tokenizer, tmp_path: Path) -> None:
+    from kdspec_torch.models import load_model
+
+    def build(name: str):
+        ref = {"model": name, "arch": {**ARCH, "family": "llama"}, "dtype": "auto"}
+        return load_model(ref, ctx=_SeedCtx(tmp_path), role="student", tokenizer=words_tokenizer,
+                          dev=torch.device("cpu"), trainable=True)
+
+    torch.manual_seed(1)
+    a = build("student")
+    torch.manual_seed(2)  # the global RNG does not matter ...
+    b = build("student")
+    c = build("other")  # ... the name does
+    assert torch.equal(a.lm_head.weight, b.lm_head.weight)
+    assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
+
+
+def test_a_model_with_its_own_tokenizer_is_refused(words_tokenizer, tmp_path: Path) -> None:
+    from kdspec_torch.models import load_model
+
+    ref = {"model": "m", "arch": {**ARCH, "family": "llama"}, "dtype": "auto",
+           "tokenizer": "builtin:bytes"}
+    with pytest.raises(NotImplementedError, match="its own tokenizer 'builtin:bytes'"):
+        load_model(ref, ctx=_SeedCtx(tmp_path), role="student", tokenizer=words_tokenizer,
+                   dev=torch.device("cpu"), trainable=True)

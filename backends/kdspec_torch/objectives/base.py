@@ -63,13 +63,19 @@ def hidden_states(model: PreTrainedModel, batch: Batch) -> Tensor:
                             use_cache=False).last_hidden_state
 
 
-def head_weight(model: PreTrainedModel) -> Tensor:
-    """The `[vocab, hidden]` output projection, for losses that apply the head themselves.
-    Refused where the head is not a plain bias-free projection."""
-    head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise ValueError(f"{model.config.model_type}'s LM head has a bias; use loss.chunked: off")
+def head_problem(model: PreTrainedModel) -> str | None:
+    """Why the LM head is not a plain bias-free projection of the final hidden states (which a
+    loss that applies the head itself, like the chunked loss, needs); None when it is."""
+    if getattr(model.get_output_embeddings(), "bias", None) is not None:
+        return f"{model.config.model_type}'s LM head has a bias"
     if getattr(model.config, "final_logit_softcapping", None):
-        raise ValueError("a final-logit soft cap is applied after the head, which the chunked "
-                         "loss cannot apply; use loss.chunked: off")
-    return head.weight
+        return f"{model.config.model_type} soft-caps its final logits after the head"
+    return None
+
+
+def head_weight(model: PreTrainedModel) -> Tensor:
+    """The `[vocab, hidden]` output projection, for losses that apply the head themselves."""
+    problem = head_problem(model)
+    if problem:
+        raise ValueError(f"{problem}, which the chunked loss cannot apply; use loss.chunked: off")
+    return model.get_output_embeddings().weight

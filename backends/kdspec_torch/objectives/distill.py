@@ -26,16 +26,25 @@ from ..batches import IGNORE_INDEX, Batch
 from ..chunked_loss import chunked_kd_loss
 from ..losses import cross_entropy_loss, divergence, sparse_divergence
 from ..teacher_cache import CacheReader
-from .base import Objective, Setup, head_weight, hidden_states, logits, require_causal
+from .base import (
+    Objective,
+    Setup,
+    head_problem,
+    head_weight,
+    hidden_states,
+    logits,
+    require_causal,
+)
 
 CHUNK_AUTO_ELEMENTS = 2**27
 
 
-def use_chunked(setting: str, tokens: int, vocab: int) -> bool:
+def use_chunked(setting: str, tokens: int, vocab: int, *, capable: bool = True) -> bool:
     """Whether `loss.chunked` (`on`/`off`/`auto`) selects the chunked loss for a micro-batch of
-    `tokens` tokens."""
+    `tokens` tokens. `auto` never picks it for models it cannot serve (`capable` False: a head
+    bias or a final-logit soft cap); `on` then fails with the reason when the loss runs."""
     if setting == "auto":
-        return tokens * vocab >= CHUNK_AUTO_ELEMENTS
+        return capable and tokens * vocab >= CHUNK_AUTO_ELEMENTS
     return setting == "on"
 
 
@@ -111,14 +120,18 @@ def build_distill(setup: Setup, loss: KDLoss) -> Distill:
 
     require_causal(setup.student, setup.stage)
     vocab = setup.student.get_output_embeddings().weight.shape[0]
-    chunked = use_chunked(loss.chunked, micro_batch_tokens(setup), vocab)
+    tokens = micro_batch_tokens(setup)
     cache_dir = setup.ctx.input_dir("teacher_logits")
     if cache_dir is not None:
         cache = CacheReader.open(cache_dir / "cache", expect=setup.ctx.plan.node(
             setup.ctx.node.inputs["teacher_logits"]))
         check_vocab(setup.student, cache.vocab_size)
-        return Distill(loss, chunked=chunked, cache=cache)
+        capable = head_problem(setup.student) is None
+        return Distill(loss, chunked=use_chunked(loss.chunked, tokens, vocab, capable=capable),
+                       cache=cache)
     teacher = load_model(setup.config["teacher"], ctx=setup.ctx, role="teacher",
                          tokenizer=setup.tokenizer, dev=setup.device, trainable=False)
     check_vocab(setup.student, teacher.get_output_embeddings().weight.shape[0])
-    return Distill(loss, chunked=chunked, teacher=teacher)
+    capable = head_problem(setup.student) is None and head_problem(teacher) is None
+    return Distill(loss, chunked=use_chunked(loss.chunked, tokens, vocab, capable=capable),
+                   teacher=teacher)
