@@ -12,6 +12,8 @@ import sys
 
 import jax
 import numpy as np
+
+from kdspec.spec.stages.common import OptimizerConfig, ScheduleConfig
 from kdspec_jax.model import JaxModelConfig, init_params
 from kdspec_jax.optim import build_optimizer
 from kdspec_jax.sharding import (
@@ -26,8 +28,6 @@ from kdspec_jax.train_step import (
     make_train_step,
     split_micro_batches,
 )
-
-from kdspec.spec.stages.common import OptimizerConfig, ScheduleConfig
 
 CONFIG = JaxModelConfig(
     model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2,

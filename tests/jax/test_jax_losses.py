@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from kdspec_jax import losses as L
 
 # Two positions over a 2-token vocabulary with probabilities we can write down:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from kdspec_jax import model as m
 from kdspec_jax.model import JaxModelConfig, RopeConfig, forward, init_params
 

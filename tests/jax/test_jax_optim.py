@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from kdspec_jax.optim import build_optimizer, lr_factor, lr_schedule
 
 from kdspec.spec.stages.common import OptimizerConfig, ScheduleConfig
+from kdspec_jax.optim import build_optimizer, lr_factor, lr_schedule
 
 
 def _factors(kind: str, *, total: int, warmup: int, ratio: float = 0.1) -> list[float]:

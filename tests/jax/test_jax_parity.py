@@ -14,9 +14,10 @@ pytest.importorskip("transformers")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax_helpers import build_hf_model, hf_config  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
 from kdspec_jax.model import JaxModelConfig, forward  # noqa: E402
 from kdspec_jax.weights import load_hf  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 
 TOL = 1e-4
 SEQ = 12  # longer than the Gemma 2 sliding window (4), so the window changes the logits

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 from jax.tree_util import DictKey
+
 from kdspec_jax.sharding import fsdp_partition_spec, make_mesh, mesh_from_parallelism
 
 HERE = Path(__file__).parent

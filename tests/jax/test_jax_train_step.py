@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from kdspec.spec.stages.common import OptimizerConfig, ScheduleConfig
 from kdspec_jax import losses
 from kdspec_jax.model import JaxModelConfig, forward, init_params
 from kdspec_jax.optim import build_optimizer, lr_schedule
@@ -18,8 +20,6 @@ from kdspec_jax.train_step import (
     make_train_step,
     split_micro_batches,
 )
-
-from kdspec.spec.stages.common import OptimizerConfig, ScheduleConfig
 
 STUDENT = JaxModelConfig(
     model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2,

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
+
 from kdspec_jax.model import JaxModelConfig, forward, init_params
 from kdspec_jax.weights import (
     copy_tokenizer,

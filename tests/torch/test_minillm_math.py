@@ -17,6 +17,7 @@ from kdspec_torch.minillm.math import (  # noqa: E402
     masked_whiten,
     mixture_probs,
     normalised_returns,
+    per_token_reverse_kl,
     policy_ratio,
     ppo_policy_loss,
     pretrain_loss,
@@ -182,6 +183,17 @@ def test_single_step_loss_hand_computed():
     # Σ q (log q − log p) = 0.5·ln 2 + 0.25·ln 0.5 = 0.25·ln 2
     value = single_step_loss(q.log()[None, None], p.log()[None, None], T([[True]]))
     assert value.item() == pytest.approx(0.25 * math.log(2), rel=1e-6)
+
+
+def test_per_token_reverse_kl_with_filtered_tokens():
+    inf = math.inf
+    # q = [0.5, 0.25, 0.25, 0] (last token filtered out), p = [0.25, 0.5, 0.25, 0]
+    student = T([[math.log(0.5), math.log(0.25), math.log(0.25), -inf]])
+    teacher = T([[math.log(0.25), math.log(0.5), math.log(0.25), -inf]])
+    kl = per_token_reverse_kl(student, teacher)
+    assert kl.tolist() == pytest.approx([0.25 * math.log(2)])
+    # the teacher rules out a token the student samples: infinite, not NaN
+    assert per_token_reverse_kl(T([[0.0, 0.0]]), T([[0.0, -inf]])).item() == inf
 
 
 def test_single_step_gradient_is_exact_reverse_kl_gradient():

@@ -145,6 +145,9 @@ def test_resume_at_round_boundary_matches_uninterrupted_run(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_too_few_rollouts_for_a_minibatch(tmp_path):
-    with pytest.raises(ValueError, match="no full PPO mini-batch"):
-        steps_per_round(stage(num_rollouts=1, batch_size=2))
+def test_spec_rejects_rollout_shapes_the_loop_cannot_run():
+    with pytest.raises(ValueError, match="num_rollouts .1. must be at least batch_size .2."):
+        stage(num_rollouts=1, batch_size=2)
+    with pytest.raises(ValueError, match="max_length .6. must exceed max_prompt_length .6."):
+        stage(max_length=6)
+    assert steps_per_round(stage(num_rollouts=5, batch_size=2, ppo_epochs=3)) == 6

@@ -33,6 +33,7 @@ __all__ = [
     "masked_whiten",
     "mixture_probs",
     "normalised_returns",
+    "per_token_reverse_kl",
     "policy_ratio",
     "ppo_policy_loss",
     "pretrain_loss",
@@ -226,6 +227,15 @@ def clip_fraction(ratio: Tensor, mask: Tensor, clip_range: float) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # The single-step term and the pre-training regulariser
 # --------------------------------------------------------------------------------------------
+
+
+def per_token_reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """`KL_t = Σ_v q(v)·(log q(v) − log p(v))` per position, `q, p = softmax(logits)` (pass
+    tempered logits); terms with `q(v) = 0` are 0, also where `p(v) = 0`."""
+    log_q = F.log_softmax(student_logits.float(), dim=-1)
+    log_p = F.log_softmax(teacher_logits.float(), dim=-1)
+    q = log_q.exp()
+    return torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q)).sum(-1)
 
 
 def single_step_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:

@@ -32,8 +32,13 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..generate import Sampling, generate, left_pad, warp_logits
-from ..losses import kl_terms
-from .math import importance_weights, tempered, token_logprobs, token_rewards
+from .math import (
+    importance_weights,
+    per_token_reverse_kl,
+    tempered,
+    token_logprobs,
+    token_rewards,
+)
 
 __all__ = [
     "Rollout",
@@ -218,16 +223,16 @@ def score(student: PreTrainedModel, teacher: PreTrainedModel, batch: RolloutBatc
     token, from one batched forward pass of each model (module docstring)."""
     s_logits = response_logits(student, batch).float()
     t_logits = response_logits(teacher, batch).float()
-    log_q_all = tempered(s_logits, config.temperature, batch.keep).log_softmax(-1)
-    log_p_all = tempered(t_logits, config.temperature, batch.keep).log_softmax(-1)
+    s_tempered = tempered(s_logits, config.temperature, batch.keep)
+    t_tempered = tempered(t_logits, config.temperature, batch.keep)
     tokens, mask = batch.response, batch.mask
-    log_q = log_q_all.gather(-1, tokens[..., None]).squeeze(-1)
-    log_p_mix = log_p_all.gather(-1, tokens[..., None]).squeeze(-1)
-    log_p_reward = token_logprobs(t_logits, tokens)
-    weights = importance_weights(log_q, log_p_mix, config.teacher_mix_alpha)
-    rewards = token_rewards(log_p_reward, log_q, mask, reward_scaling=config.reward_scaling,
+    log_q = token_logprobs(s_tempered, tokens)
+    weights = importance_weights(log_q, token_logprobs(t_tempered, tokens),
+                                 config.teacher_mix_alpha)
+    rewards = token_rewards(token_logprobs(t_logits, tokens), log_q, mask,
+                            reward_scaling=config.reward_scaling,
                             cliprange_reward=config.cliprange_reward)
-    rev_kl = kl_terms(log_q_all, log_p_all)
+    rev_kl = per_token_reverse_kl(s_tempered, t_tempered)
     zero = torch.zeros_like(log_q)
     return Scores(torch.where(mask, log_q, zero), torch.where(mask, weights, zero), rewards,
                   torch.where(mask, rev_kl, zero))
