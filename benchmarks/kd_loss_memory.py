@@ -76,6 +76,7 @@ def _peak_bytes(reset_ok: bool) -> int:
 
 def run_worker(job: Job) -> dict:
     import torch
+
     from kdspec_torch.chunked_loss import chunked_kd_loss, default_chunk_size
     from kdspec_torch.losses import kd_loss
 

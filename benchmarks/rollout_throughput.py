@@ -2,7 +2,7 @@
 
 Generated tokens per second (batch × new tokens / wall time; every row runs the full
 `--new-tokens`, no eos stops it) on fresh-weight llama models of the given sizes, fp32, torch's
-default thread count, the median of `--repeats` runs after one warm-up:
+default thread count, the median of `--repeats` runs after one warm-up, the cases taking turns:
 
 * `kdspec generate`: `kdspec_torch.generate.generate`, student only, sampled at temperature 1;
 * `hf generate`: `model.generate(do_sample=True, top_k=0, ...)` on the same model and batch;
@@ -48,14 +48,18 @@ def model(vocab: int, d_model: int, layers: int, seed: int) -> PreTrainedModel:
     return out
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+def timed(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per case after one warm-up each. The cases take turns (round-robin), so
+    a burst of other work on a shared machine hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for fn in cases.values():
         fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 @torch.no_grad()
@@ -99,13 +103,13 @@ def run(args: argparse.Namespace) -> list[dict]:
         "no-cache mixed": lambda: no_cache_mixed(student, teacher, ids, args.new_tokens, 0.2,
                                                  gen),
     }
-    rows = []
+    chosen = {name: cases[name] for name in (args.cases or cases)}
     tokens = args.batch * args.new_tokens
-    for name in args.cases or cases:
-        seconds = timed(cases[name], args.repeats)
-        rows.append({"case": name, "seconds": round(seconds, 4),
-                     "tokens_per_s": round(tokens / seconds, 1)})
-        print(json.dumps(rows[-1]), flush=True)
+    rows = [{"case": name, "seconds": round(seconds, 4),
+             "tokens_per_s": round(tokens / seconds, 1)}
+            for name, seconds in timed(chosen, args.repeats).items()]
+    for row in rows:
+        print(json.dumps(row), flush=True)
     return rows
 
 

@@ -8,4 +8,4 @@ PYTHON=${PYTHON:-python3}
 if ! "$PYTHON" -c "import torch" 2>/dev/null && ! command -v nvidia-smi >/dev/null 2>&1; then
   "$PYTHON" -m pip install --quiet "torch==2.13.0"
 fi
-"$PYTHON" -m pip install --quiet -e ".[torch,dev]"
+"$PYTHON" -m pip install --quiet -e ".[torch,jax,dev]"

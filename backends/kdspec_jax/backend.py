@@ -270,31 +270,42 @@ def _objective(job: TrainJob) -> Any:
 
 
 def run_train_node(ctx: NodeContext) -> None:
+    """Train the node's student to `stage.total_steps` (resuming from the newest checkpoint),
+    then save it as a HF folder in `<node>/model`."""
     job = build_job(ctx)
-    stage, total = job.stage, job.stage.total_steps
-    parallel = ctx.spec.hardware.parallelism
+    total = job.stage.total_steps
+    zero_stage = ctx.spec.hardware.parallelism.zero_stage
     # The mesh spans the devices this process sees; hardware.count is what `plan` prices.
-    mesh = mesh_from_parallelism(zero_stage=parallel.zero_stage)
-    optimizer = build_optimizer(stage.optimizer, stage.schedule, total)
+    mesh = mesh_from_parallelism(zero_stage=zero_stage)
+    optimizer = build_optimizer(job.stage.optimizer, job.stage.schedule, total)
     step_fn = make_train_step(_objective(job), optimizer,
-                              lr_fn=lr_schedule(stage.optimizer, stage.schedule, total))
+                              lr_fn=lr_schedule(job.stage.optimizer, job.stage.schedule, total))
     state = init_train_state(job.student.params, optimizer)
-    shardings = state_shardings(state, mesh, parallel.zero_stage)
-    state, progress = _resume(ctx, jax.device_get(state))
+    shardings = state_shardings(state, mesh, zero_stage)
+    state, progress = _resume(ctx, jax.device_get(state))  # host copies: the step donates
     state = jax.device_put(state, shardings)
     teacher = None
     if job.teacher is not None:
         teacher = jax.device_put(job.teacher.params, tree_shardings(
-            job.teacher.params, mesh, shard=parallel.zero_stage >= 3))
+            job.teacher.params, mesh, shard=zero_stage >= 3))
     first = shard_batch(job.batch(progress.step), mesh)
     _write_flops(ctx, step_fn, state, first, teacher)
     compiled = jit_train_step(step_fn, shardings, mesh).lower(state, first, teacher).compile()
+    state, progress = _train(job, compiled, state, teacher, mesh, progress)
+    save_student(job.student, state.params, job.tokenizer, ctx.node_dir / "model")
+    _write_measured(ctx, progress)
+
+
+def _train(job: TrainJob, compiled: Any, state: Any, teacher: Any, mesh: Any,
+           progress: Progress) -> tuple[Any, Progress]:
+    """The loop: one compiled step per optimizer step, events, checkpoints."""
+    ctx, stage, total = job.ctx, job.stage, job.stage.total_steps
     ctx.emit(Event("start", ctx.node.id, step=progress.step, total=total))
     while progress.step < total:
         started = time.perf_counter()
         batch = job.batch(progress.step)
         state, metrics = compiled(state, shard_batch(batch, mesh), teacher)
-        logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        logged = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
         elapsed = time.perf_counter() - started
         tokens = int(batch["input_ids"].size)
         progress = replace(progress, step=progress.step + 1,
@@ -304,8 +315,7 @@ def run_train_node(ctx: NodeContext) -> None:
         _report(ctx, progress, total, stage.log_every, tokens / elapsed, logged)
         if progress.step % stage.checkpoint_every == 0 or progress.step == total:
             save_checkpoint(ctx.checkpoint_dir, state, progress)
-    save_student(job.student, state.params, job.tokenizer, ctx.node_dir / "model")
-    _write_measured(ctx, progress)
+    return state, progress
 
 
 def _resume(ctx: NodeContext, template: Any) -> tuple[Any, Progress]:

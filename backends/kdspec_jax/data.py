@@ -19,8 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from .losses import IGNORE_INDEX
-
 __all__ = [
     "EpochSampler",
     "JaxTokenizer",
@@ -198,7 +196,3 @@ def step_batch(rows: TokenRows, sampler: EpochSampler, step: int, batch_size: in
     batch = rows.batch(sampler.indices(step * batch_size, batch_size))
     micro = batch_size // grad_accum
     return {k: v.reshape(grad_accum, micro, *v.shape[1:]) for k, v in batch.items()}
-
-
-def n_targets(batch: dict[str, np.ndarray]) -> int:
-    return int((batch["labels"] != IGNORE_INDEX).sum())

@@ -33,22 +33,21 @@ from .losses import check_kd_options, resolve_teacher
 
 __all__ = ["DEFAULT_CHUNK_BUDGET_BYTES", "chunked_kd_loss", "default_chunk_size"]
 
-DEFAULT_CHUNK_BUDGET_BYTES = 128 * 2**20
-"""Bytes of ONE fp32 ``[chunk, vocab]`` buffer at the default chunk size. A chunk holds up to
-about five such buffers at once (logits, log q, q, teacher log p, p/gradient). Chosen with
-``benchmarks/kd_loss_memory.py --sweep`` (docs/benchmarks_kd_loss.md): on the CPU the LM-head
-matmuls lose half their speed below ~256 rows, and the memory ratio to the naive loss stays above
-5× at 4096 tokens."""
+DEFAULT_CHUNK_BUDGET_BYTES = 32 * 2**20
+"""Bytes of ONE fp32 ``[chunk, vocab]`` buffer at the default chunk size, for small
+vocabularies; a chunk holds 2 to 4 such buffers (see ``_chunk_loss_and_grad``)."""
 
-MIN_CHUNK_ROWS = 64
-"""Fewer rows make the head matmuls memory-bound (the ``[vocab, hidden]`` weight is streamed three
-times per chunk)."""
+MIN_CHUNK_ROWS = 256
+"""Rows per chunk at least, whatever the vocabulary: with fewer, the LM-head matmuls stream the
+``[vocab, hidden]`` weight (three times per chunk) for too little work. Measured with
+``benchmarks/kd_loss_memory.py --sweep`` on the CPU (docs/benchmarks_kd_loss.md): 128 rows cost
+1.15–1.2× the CPU time of 256; 512 and 1024 rows gain nothing over 256 and add memory."""
 
 
 def default_chunk_size(vocab: int, budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES) -> int:
     """Rows per chunk: the largest power of two whose fp32 ``[chunk, vocab]`` buffer fits in
-    ``budget_bytes``, kept within [``MIN_CHUNK_ROWS``, 8192]. 1024 rows at vocab 32k, 256 at
-    128k, 128 at 256k."""
+    ``budget_bytes``, kept within [``MIN_CHUNK_ROWS``, 8192]: 256 rows for vocabularies of 32k
+    and more (a 128 MiB buffer at 128k), 1024 at 8k."""
     rows = max(1, budget_bytes // (4 * vocab))
     return max(MIN_CHUNK_ROWS, min(8192, 1 << (rows.bit_length() - 1)))
 
@@ -278,8 +277,8 @@ def _chunk_loss_and_grad(
     """Per-row loss of a chunk of hidden states ``h`` and the gradient ``∂(Σ rows / n)/∂z`` in
     its logits ``z = h @ headᵀ``.
 
-    The student's log-probs become ``q`` and then the gradient in place, so a chunk holds 2
-    (reverse KL, slice), 3 (forward KL) or 4 (JSD) ``[chunk, vocab]`` buffers at once, plus one
+    The student's log-probs become ``q`` and then the gradient in place, so a chunk holds at most
+    2 (slice), 3 (forward and reverse KL) or 4 (JSD) ``[chunk, vocab]`` buffers at once, plus one
     for hard labels at ``T != 1``.
     """
     t = opts.temperature

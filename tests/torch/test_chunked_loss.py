@@ -8,6 +8,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
+
 from kdspec_torch.chunked_loss import (  # noqa: E402
     DEFAULT_CHUNK_BUDGET_BYTES,
     chunked_kd_loss,
@@ -15,8 +18,6 @@ from kdspec_torch.chunked_loss import (  # noqa: E402
 )
 from kdspec_torch.losses import kd_loss  # noqa: E402
 from kdspec_torch.teacher_slice import sampled_slice, topk_slice  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_leaves  # noqa: E402
 
 TOKENS, VOCAB, HIDDEN, TEACHER_HIDDEN = 50, 300, 16, 24
 CHUNKS = (7, 16, None)  # 7 and 16 do not divide the 43 counted positions; None = one chunk
@@ -265,13 +266,12 @@ def test_no_full_logits_tensor_is_ever_built(kind: str) -> None:
 
 
 def test_default_chunk_size() -> None:
-    assert DEFAULT_CHUNK_BUDGET_BYTES == 128 * 2**20
-    assert default_chunk_size(32768) == 1024
-    assert default_chunk_size(65536) == 512
-    assert default_chunk_size(131072) == 256
-    assert default_chunk_size(256128) == 128  # Gemma's vocabulary; 2^17 rows would exceed
-    assert default_chunk_size(2**22) == 64  # the floor keeps the head matmuls efficient
-    assert default_chunk_size(300) == 8192
-    for vocab in (1000, 50257, 151936):
+    assert default_chunk_size(300) == 8192  # capped
+    assert default_chunk_size(8192) == 1024  # 32 MiB per fp32 [chunk, vocab] buffer
+    assert default_chunk_size(32768) == 256
+    for vocab in (65536, 131072, 256128):
+        assert default_chunk_size(vocab) == 256  # the floor that keeps the matmuls efficient
+    for vocab in (1000, 5000, 20000):
         rows = default_chunk_size(vocab)
         assert rows & (rows - 1) == 0 and rows * vocab * 4 <= DEFAULT_CHUNK_BUDGET_BYTES
+        assert 2 * rows * vocab * 4 > DEFAULT_CHUNK_BUDGET_BYTES  # the largest that fits

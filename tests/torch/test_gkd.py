@@ -11,12 +11,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from kdspec.spec.stages.gkd import GKDStage  # noqa: E402
 from kdspec_torch.batches import IGNORE_INDEX, pair_rows  # noqa: E402
 from kdspec_torch.generate import generate, left_pad  # noqa: E402
 from kdspec_torch.objectives.base import logits  # noqa: E402
 from kdspec_torch.objectives.gkd import GKD, completion_batch, row_prompts  # noqa: E402
-
-from kdspec.spec.stages.gkd import GKDStage  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

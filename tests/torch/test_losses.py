@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import torch.nn.functional as F  # noqa: E402
+
 from kdspec_torch.losses import (  # noqa: E402
     DIVERGENCES,
     cross_entropy_loss,

@@ -14,10 +14,11 @@ from conftest import stage  # noqa: E402
 pytestmark = pytest.mark.torch
 
 
-def minillm_stage(**fields):
-    return stage("polish", "minillm", data="pairs", student="small", teacher="big",
-                 pretrain_data="corpus", steps=4, batch_size=4, num_rollouts=8, ppo_epochs=1,
-                 max_prompt_length=8, max_length=16, checkpoint_every=2, **fields)
+def minillm_stage(**overrides):
+    fields = dict(student="small", teacher="big", pretrain_data="corpus", steps=4, batch_size=4,
+                  num_rollouts=8, ppo_epochs=1, max_prompt_length=8, max_length=16,
+                  checkpoint_every=2)
+    return stage("polish", "minillm", data="pairs", **{**fields, **overrides})
 
 
 def test_minillm_node_trains_and_saves(make_run):

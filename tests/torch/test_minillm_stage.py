@@ -10,6 +10,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from kdspec.plan.graph import Node  # noqa: E402
+from kdspec.run.backend import NodeContext  # noqa: E402
+from kdspec.spec.stages.minillm import MiniLLMStage  # noqa: E402
 from kdspec_torch.batches import EpochSampler, pack_documents, step_batches  # noqa: E402
 from kdspec_torch.minillm.rollout import collate  # noqa: E402
 from kdspec_torch.minillm.stage import (  # noqa: E402
@@ -20,10 +23,6 @@ from kdspec_torch.minillm.stage import (  # noqa: E402
     steps_per_round,
     train_minillm,
 )
-
-from kdspec.plan.graph import Node  # noqa: E402
-from kdspec.run.backend import NodeContext  # noqa: E402
-from kdspec.spec.stages.minillm import MiniLLMStage  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

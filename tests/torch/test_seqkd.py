@@ -10,15 +10,14 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from kdspec.plan.graph import Node  # noqa: E402
+from kdspec.run.backend import NodeContext  # noqa: E402
+from kdspec.spec.stages.seqkd import SeqKDStage  # noqa: E402
 from kdspec_torch.batches import pair_rows  # noqa: E402
 from kdspec_torch.generate import Sampling, generate, left_pad  # noqa: E402
 from kdspec_torch.objectives import seqkd  # noqa: E402
 from kdspec_torch.objectives.base import Setup  # noqa: E402
 from kdspec_torch.objectives.ce import CrossEntropy  # noqa: E402
-
-from kdspec.plan.graph import Node  # noqa: E402
-from kdspec.run.backend import NodeContext  # noqa: E402
-from kdspec.spec.stages.seqkd import SeqKDStage  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

@@ -21,7 +21,8 @@ answer, so the generation is first cut where it starts a new question: at the fi
 the template's text before ``{input}`` (``Q:`` above), as the official code cuts its teacher
 outputs at ``Q:``. Then ``answer_pattern`` is searched; its first match gives the label (the
 ``label`` group, stripped) and the text before the match is the rationale (stripped). Failures
-are named: ``no_answer`` (no match), ``empty_label``, ``empty_rationale``. (The official code
+are named: ``no_answer`` (no match), ``empty_label`` (nothing left after the accuracy metric's
+normalisation, e.g. ``"."``), ``empty_rationale``. (The official code
 keeps an unparsable output as rationale ``" "``; kdspec drops it and counts it.)
 
 **Gold filter.** A parsed label agrees with a gold label when they are equal after the accuracy
@@ -46,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from kdspec.metrics import exact_match
+from kdspec.metrics import exact_match, normalize_answer
 
 __all__ = [
     "Demo",
@@ -163,7 +164,7 @@ class FewShot:
             return Parse("", "", "no_answer")
         label = (match.group("label") or "").strip()
         rationale = text[: match.start()].strip()
-        if not label:
+        if not normalize_answer(label):  # nothing, or punctuation only
             return Parse(rationale, "", "empty_label")
         if not rationale:
             return Parse("", label, "empty_rationale")
