@@ -1,11 +1,21 @@
 """Tokenizer and training rows for the JAX backend, in numpy (no torch, no transformers).
 
-The same conventions as the torch backend (``kdspec_torch.batches``): packed documents, each
-followed by eos, cut into rows of ``seq_len + 1`` tokens (the model reads ``row[:-1]`` and
-predicts ``row[1:]``); the rows are visited in a fresh seeded permutation each epoch, and
-optimizer step ``s`` takes samples ``[s·B, (s+1)·B)`` of that stream, so the data position is
-one integer. The permutations come from numpy, not torch: both backends see every row equally
-often, in different orders.
+The same conventions as the torch backend (``kdspec_torch.batches``). Every example is a row of
+``seq_len + 1`` tokens: the model reads ``row[:-1]`` and predicts ``row[1:]``, and a boolean
+``targets`` row says which tokens are predicted:
+
+* ``packed`` (pretrain, pretrain_kd): documents, each followed by eos, concatenated and cut into
+  consecutive rows (the tail shorter than a row is dropped); every token is a target.
+* ``pairs`` (sft, kd): ``[bos] + prompt + response + [eos]`` cut to ``seq_len + 1`` tokens and
+  right-padded; only the response and its eos are targets. A pair whose response falls wholly
+  past the cut is dropped.
+
+The rows are visited in a fresh seeded permutation each epoch, and optimizer step ``s`` takes
+samples ``[s·B, (s+1)·B)`` of that stream, so the data position is one integer. The
+permutations come from numpy, not torch (``torch.randperm``): both backends see every row
+equally often, in different orders. That is also why this module duplicates the torch
+backend's packing and sampler instead of sharing one in ``kdspec.data``: sharing would mean
+switching the torch backend to numpy permutations, which changes its data order.
 """
 
 from __future__ import annotations
@@ -13,23 +23,34 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 __all__ = [
+    "IGNORE_INDEX",
+    "LAYOUTS",
     "EpochSampler",
     "JaxTokenizer",
     "TokenRows",
+    "build_token_rows",
     "derive_seed",
     "load_tokenizer",
+    "micro_batches",
     "order_seed",
     "pack_documents",
+    "pair_rows",
     "read_records",
     "step_batch",
+    "train_records",
 ]
+
+IGNORE_INDEX = -100
+Layout = Literal["packed", "pairs"]
+LAYOUTS: tuple[Layout, ...] = ("packed", "pairs")
 
 _ROLES = ("pad", "unk", "bos", "eos")
 
@@ -70,12 +91,22 @@ class JaxTokenizer:
     def pad_id(self) -> int:
         return self.token_id("pad")
 
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_id("bos")
+
     def __len__(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids without special tokens (documents get their eos from the packer)."""
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, sequences: list[list[int]]) -> list[str]:
+        """Text of each id list, special tokens dropped, stripped (as the torch backend's
+        ``generate_text`` decodes with transformers)."""
+        texts = self.tokenizer.decode_batch(sequences, skip_special_tokens=True)
+        return [text.strip() for text in texts]
 
     def token_ids(self) -> dict[str, int | None]:
         """``{"pad_token_id": ..., "bos_token_id": ..., "eos_token_id": ...}`` for config.json."""
@@ -137,16 +168,35 @@ def _special_tokens(folder: Path) -> dict[str, str | None]:
 
 @dataclass
 class TokenRows:
-    """``[N, seq_len + 1]`` token rows; every token is a target (packed documents)."""
+    """``[N, seq_len + 1]`` token rows, which tokens are targets, and each row's length before
+    its padding. ``targets`` None: every token is one (packed rows); ``lengths`` None: no row
+    is padded."""
 
-    tokens: np.ndarray
+    tokens: np.ndarray  # [N, seq_len + 1] int32
+    targets: np.ndarray | None = None  # [N, seq_len + 1] bool
+    lengths: np.ndarray | None = None  # [N] int32
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    @property
+    def seq_len(self) -> int:
+        return self.tokens.shape[1] - 1
+
     def batch(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        """``input_ids`` ``[b, seq_len]`` (``row[:-1]``), ``labels`` (``row[1:]``, IGNORE_INDEX
+        where not a target) and, for padded rows, ``attention_mask`` (1 before the row's
+        length). Padded rows always get a mask, even when a batch happens to need none, so
+        every batch of a dataset has the same pytree (one compilation)."""
         rows = self.tokens[index]
-        return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+        labels = rows[:, 1:]
+        if self.targets is not None:
+            labels = np.where(self.targets[index][:, 1:], labels, IGNORE_INDEX).astype(np.int32)
+        out = {"input_ids": rows[:, :-1], "labels": labels}
+        if self.lengths is not None:
+            positions = np.arange(self.seq_len)
+            out["attention_mask"] = (positions < self.lengths[index][:, None]).astype(np.int32)
+        return out
 
 
 def pack_documents(documents: list[list[int]], *, eos_id: int, seq_len: int) -> TokenRows:
@@ -162,12 +212,72 @@ def pack_documents(documents: list[list[int]], *, eos_id: int, seq_len: int) -> 
     return TokenRows(tokens.reshape(n_rows, seq_len + 1))
 
 
+def pair_rows(prompts: list[list[int]], responses: list[list[int]], *, bos_id: int | None,
+              eos_id: int, pad_id: int, seq_len: int) -> TokenRows:
+    """One right-padded row ``[bos] + prompt + response + [eos]`` per pair, cut to
+    ``seq_len + 1``; targets = the response tokens and the eos. Pairs left with no target
+    after the first token are dropped."""
+    width = seq_len + 1
+    rows, targets, lengths = [], [], []
+    for prompt, response in zip(prompts, responses, strict=True):
+        head = ([bos_id] if bos_id is not None else []) + list(prompt)
+        row = (head + list(response) + [eos_id])[:width]
+        target = ([False] * len(head) + [True] * (len(response) + 1))[:width]
+        if not any(target[1:]):
+            continue
+        pad = width - len(row)
+        rows.append(row + [pad_id] * pad)
+        targets.append(target + [False] * pad)
+        lengths.append(len(row))
+    if not rows:
+        raise ValueError(
+            f"the data gives no training example ({len(prompts)} records; none yields a "
+            "response token): add data or raise seq_len")
+    return TokenRows(np.asarray(rows, np.int32), np.asarray(targets, bool),
+                     np.asarray(lengths, np.int32))
+
+
+def _field(records: list[dict[str, Any]], name: str) -> list[str]:
+    for record in records:
+        if name not in record:
+            raise KeyError(
+                f"a data record has no `{name}` field (fields: {', '.join(record)}); map one "
+                f"with the data source's `fields: {{{name}: ...}}`")
+    return [str(record[name]) for record in records]
+
+
+def build_token_rows(layout: Layout, records: list[dict[str, Any]], tokenizer: JaxTokenizer,
+                     seq_len: int) -> TokenRows:
+    """Tokenize ``records`` into rows of ``layout`` (module docstring)."""
+    if layout == "packed":
+        return pack_documents(tokenizer.encode(_field(records, "text")),
+                              eos_id=tokenizer.eos_id, seq_len=seq_len)
+    if layout == "pairs":
+        return pair_rows(tokenizer.encode(_field(records, "prompt")),
+                         tokenizer.encode(_field(records, "response")),
+                         bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                         pad_id=tokenizer.pad_id, seq_len=seq_len)
+    raise ValueError(f"unknown row layout {layout!r} (layouts: {', '.join(LAYOUTS)})")
+
+
 def read_records(data: dict[str, Any], *, seed: int, spec_dir: Path) -> list[dict[str, Any]]:
     """The records of a node's ``data`` config."""
     from kdspec.data.sources import load_records
 
     return load_records(data["source"], split=data.get("split", "train"), n=data.get("n"),
                         seed=seed, fields=data.get("fields") or {}, base_dir=spec_dir)
+
+
+def train_records(data: dict[str, Any], *, seed: int, spec_dir: Path,
+                  fraction: float | None = None) -> list[dict[str, Any]]:
+    """A train node's records; with ``fraction`` (sft's ``train_fraction``) a seeded sample of
+    ``max(1, round(fraction · n))`` of them, drawn exactly as the torch backend draws it
+    (Python's ``random.Random(derive_seed(seed, "fraction")).sample``)."""
+    records = read_records(data, seed=seed, spec_dir=spec_dir)
+    if fraction is None:
+        return records
+    keep = max(1, round(fraction * len(records)))
+    return random.Random(derive_seed(seed, "fraction")).sample(records, keep)
 
 
 class EpochSampler:
@@ -186,13 +296,21 @@ class EpochSampler:
     def indices(self, start: int, count: int) -> np.ndarray:
         positions = np.arange(start, start + count)
         epochs, offsets = positions // self.n, positions % self.n
-        return np.asarray([self.permutation(int(e))[o] for e, o in zip(epochs, offsets,
-                                                                        strict=True)])
+        out = np.empty(count, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            where = epochs == epoch
+            out[where] = self.permutation(int(epoch))[offsets[where]]
+        return out
+
+
+def micro_batches(batch: dict[str, np.ndarray], grad_accum: int) -> dict[str, np.ndarray]:
+    """``[B, ...]`` arrays as ``[grad_accum, B / grad_accum, ...]`` (micro-batch ``i`` holds
+    samples ``[i·m, (i+1)·m)``, the torch backend's split)."""
+    return {k: v.reshape(grad_accum, v.shape[0] // grad_accum, *v.shape[1:])
+            for k, v in batch.items()}
 
 
 def step_batch(rows: TokenRows, sampler: EpochSampler, step: int, batch_size: int,
                grad_accum: int) -> dict[str, np.ndarray]:
     """Optimizer step ``step``'s batch as ``[grad_accum, batch_size / grad_accum, seq_len]``."""
-    batch = rows.batch(sampler.indices(step * batch_size, batch_size))
-    micro = batch_size // grad_accum
-    return {k: v.reshape(grad_accum, micro, *v.shape[1:]) for k, v in batch.items()}
+    return micro_batches(rows.batch(sampler.indices(step * batch_size, batch_size)), grad_accum)

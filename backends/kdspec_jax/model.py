@@ -36,9 +36,9 @@ embeddings on queries and keys, grouped-query attention (query head ``h`` reads 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,11 +46,14 @@ import numpy as np
 
 __all__ = [
     "JaxModelConfig",
+    "KVCache",
     "RopeConfig",
     "SUPPORTED_MODEL_TYPES",
     "decay_mask",
     "forward",
+    "forward_cached",
     "hidden_states",
+    "init_kv_cache",
     "init_params",
     "lm_head_weight",
     "logits_from_hidden",
@@ -527,13 +530,47 @@ def _activation(name: str, x: jax.Array) -> jax.Array:
 
 
 def _attention_mask(
-    positions: jax.Array, key_valid: jax.Array, window: jax.Array
+    q_pos: jax.Array, k_pos: jax.Array, key_valid: jax.Array, window: jax.Array
 ) -> jax.Array:
-    """``[B, T, S]`` True where query ``t`` may read key ``s``: causal
-    (``pos_s ≤ pos_t``), inside the window (``pos_s > pos_t − window``) and not padding."""
-    q_pos, k_pos = positions[:, :, None], positions[:, None, :]
-    allowed = (k_pos <= q_pos) & (k_pos > q_pos - window)
+    """``[B, T, S]`` True where a query at position ``q_pos [B, T]`` may read a key at
+    ``k_pos [B, S]``: causal (``pos_s ≤ pos_t``), inside the window (``pos_s > pos_t − window``)
+    and not padding (``key_valid [B, S]``)."""
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    allowed = (k <= q) & (k > q - window)
     return allowed & key_valid[:, None, :]
+
+
+def _qkv(
+    config: JaxModelConfig, p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries ``[B, T, H, hd]`` and keys, values ``[B, T, K, hd]`` of ``x [B, T, D]``, with
+    rotary embeddings applied to queries and keys."""
+    c = config
+    b, t, _ = x.shape
+    q = _linear(x, p["q_proj"], p.get("q_bias")).reshape(b, t, c.num_heads, c.head_dim)
+    k = _linear(x, p["k_proj"], p.get("k_bias")).reshape(b, t, c.num_kv_heads, c.head_dim)
+    v = _linear(x, p["v_proj"], p.get("v_bias")).reshape(b, t, c.num_kv_heads, c.head_dim)
+    return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
+
+
+def _attend(
+    config: JaxModelConfig, p: Params, q: jax.Array, k: jax.Array, v: jax.Array,
+    mask: jax.Array,
+) -> jax.Array:
+    """Grouped-query attention of queries ``[B, T, H, hd]`` over keys and values
+    ``[B, S, K, hd]`` under ``mask [B, T, S]``, through the output projection: ``[B, T, D]``."""
+    c = config
+    b, t = q.shape[:2]
+    groups = c.num_heads // c.num_kv_heads
+    # Query head h = kv_head·groups + g reads kv head h // groups (HF's repeat_kv order).
+    q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = _softcap(scores * c.query_scale, c.attn_logit_softcap)
+    # A finite fill keeps fully masked rows (queries on left padding) uniform instead of NaN.
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_heads * c.head_dim)
+    return _linear(out, p["o_proj"], p.get("o_bias"))
 
 
 def _attention(
@@ -545,22 +582,8 @@ def _attention(
     mask: jax.Array,
 ) -> jax.Array:
     """Grouped-query self-attention of one layer on ``x [B, T, D]``."""
-    c = config
-    b, t, _ = x.shape
-    groups = c.num_heads // c.num_kv_heads
-    q = _linear(x, p["q_proj"], p.get("q_bias")).reshape(b, t, c.num_heads, c.head_dim)
-    k = _linear(x, p["k_proj"], p.get("k_bias")).reshape(b, t, c.num_kv_heads, c.head_dim)
-    v = _linear(x, p["v_proj"], p.get("v_bias")).reshape(b, t, c.num_kv_heads, c.head_dim)
-    q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-    # Query head h = kv_head·groups + g reads kv head h // groups (HF's repeat_kv order).
-    q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = _softcap(scores * c.query_scale, c.attn_logit_softcap)
-    # A finite fill keeps fully masked rows (queries on left padding) uniform instead of NaN.
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_heads * c.head_dim)
-    return _linear(out, p["o_proj"], p.get("o_bias"))
+    q, k, v = _qkv(config, p, x, cos, sin)
+    return _attend(config, p, q, k, v, mask)
 
 
 def _mlp(config: JaxModelConfig, p: Params, x: jax.Array) -> jax.Array:
@@ -574,29 +597,44 @@ def _decoder_layer(
     config: JaxModelConfig,
     p: Params,
     x: jax.Array,
-    cos: jax.Array,
-    sin: jax.Array,
-    mask: jax.Array,
-) -> jax.Array:
-    """One pre-norm residual layer (Gemma 2: with the output norms too)."""
+    attention: Callable[[jax.Array], tuple[jax.Array, Any]],
+) -> tuple[jax.Array, Any]:
+    """One pre-norm residual layer (Gemma 2: with the output norms too). ``attention`` maps
+    the normed input to the attention output and anything else to return (a KV-cache
+    update)."""
     c = config
 
     def norm(h: jax.Array, name: str) -> jax.Array:
         return rms_norm(h, p[name], eps=c.rms_norm_eps, plus_one=c.norm_plus_one)
 
-    h = _attention(c, p, norm(x, "attn_norm"), cos, sin, mask)
+    h, extra = attention(norm(x, "attn_norm"))
     if c.sandwich_norms:
         h = norm(h, "attn_post_norm")
     x = x + h
     h = _mlp(c, p, norm(x, "mlp_norm"))
     if c.sandwich_norms:
         h = norm(h, "mlp_post_norm")
-    return x + h
+    return x + h, extra
 
 
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
+
+
+def _embed(params: Params, config: JaxModelConfig, input_ids: jax.Array) -> jax.Array:
+    x = jnp.take(params["embed_tokens"], input_ids, axis=0)
+    if config.embed_scale:
+        # Rounded to the weights' dtype first, as transformers does (sqrt(3072) → 55.5 in bf16).
+        x = x * jnp.asarray(math.sqrt(config.hidden_size), x.dtype)
+    return x
+
+
+def _windows(config: JaxModelConfig) -> jax.Array:
+    """Each layer's attention window ``[L]``. A window wider than any distance is the same as
+    none, so every layer can share one scan body."""
+    full = np.iinfo(np.int32).max // 2
+    return jnp.asarray([full if w is None else w for w in config.layer_windows], jnp.int32)
 
 
 def hidden_states(
@@ -626,19 +664,18 @@ def hidden_states(
     key_valid = (
         jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     )
-    x = jnp.take(params["embed_tokens"], input_ids, axis=0)
-    if c.embed_scale:
-        # Rounded to the weights' dtype first, as transformers does (sqrt(3072) → 55.5 in bf16).
-        x = x * jnp.asarray(math.sqrt(c.hidden_size), x.dtype)
+    x = _embed(params, c, input_ids)
     cos, sin = _rope_tables(c, positions)
-    # A window wider than any distance is the same as none: every layer can share one scan body.
-    full = np.iinfo(np.int32).max // 2
-    windows = jnp.asarray([full if w is None else w for w in c.layer_windows], jnp.int32)
+    windows = _windows(c)
 
     def layer(h: jax.Array, xs: tuple[Params, jax.Array]) -> tuple[jax.Array, None]:
         layer_params, window = xs
-        mask = _attention_mask(positions, key_valid, window)
-        return _decoder_layer(c, layer_params, h, cos, sin, mask), None
+        mask = _attention_mask(positions, positions, key_valid, window)
+
+        def attention(normed: jax.Array) -> tuple[jax.Array, None]:
+            return _attention(c, layer_params, normed, cos, sin, mask), None
+
+        return _decoder_layer(c, layer_params, h, attention)
 
     if remat:
         layer = jax.checkpoint(layer)
@@ -679,3 +716,76 @@ def forward(
         if "lm_head" in params:
             params["lm_head"] = params["lm_head"].astype(compute_dtype)
     return logits_from_hidden(params, config, hidden)
+
+
+# --------------------------------------------------------------------------------------------
+# Incremental decoding with a KV cache
+# --------------------------------------------------------------------------------------------
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for ``S`` slots per row, with each slot's position and
+    whether it holds a real token (False: not written yet, or left padding)."""
+
+    k: jax.Array  # [L, B, S, K, hd]
+    v: jax.Array  # [L, B, S, K, hd]
+    positions: jax.Array  # [B, S] int32
+    valid: jax.Array  # [B, S] bool
+
+
+def init_kv_cache(config: JaxModelConfig, batch: int, length: int,
+                  dtype: Any = jnp.float32) -> KVCache:
+    """An empty cache of ``length`` slots per row."""
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, length), jnp.int32), jnp.zeros((batch, length), bool))
+
+
+def forward_cached(
+    params: Params,
+    config: JaxModelConfig,
+    cache: KVCache,
+    input_ids: jax.Array,
+    positions: jax.Array,
+    valid: jax.Array,
+    index: jax.Array | int,
+    *,
+    last_only: bool = True,
+) -> tuple[jax.Array, KVCache]:
+    """Run ``input_ids [B, T]`` (at ``positions [B, T]``; ``valid [B, T]`` False for padding)
+    into cache slots ``[index, index + T)`` and return their logits (fp32; ``[B, V]`` of the
+    last position when ``last_only``, else ``[B, T, V]``) and the updated cache.
+
+    A query at position ``t`` reads every valid cached slot (the new ones included) at a
+    position ``s`` with ``t − window < s ≤ t``: the same attention as :func:`forward` over the
+    whole sequence, so a prefill of a left-padded prompt (positions ``cumsum(mask) − 1``)
+    followed by one-token steps at the next positions gives :func:`forward`'s logits for
+    each row as if it were alone and unpadded. ``index`` may be traced (one compilation
+    serves every step)."""
+    c = config
+    positions = positions.astype(jnp.int32)
+    cache_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, index, 1)
+    cache_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid.astype(bool), index, 1)
+    x = _embed(params, c, input_ids)
+    cos, sin = _rope_tables(c, positions)
+
+    def layer(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        layer_params, window, k_cache, v_cache = xs
+        mask = _attention_mask(positions, cache_positions, cache_valid, window)
+
+        def attention(normed: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            q, k, v = _qkv(c, layer_params, normed, cos, sin)
+            k_all = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype),
+                                                        index, 1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype),
+                                                        index, 1)
+            return _attend(c, layer_params, q, k_all, v_all, mask), (k_all, v_all)
+
+        return _decoder_layer(c, layer_params, h, attention)
+
+    x, (k_new, v_new) = jax.lax.scan(layer, x, (params["layers"], _windows(c), cache.k, cache.v))
+    hidden = rms_norm(x, params["norm"], eps=c.rms_norm_eps, plus_one=c.norm_plus_one)
+    if last_only:
+        hidden = hidden[:, -1]
+    logits = logits_from_hidden(params, c, hidden)
+    return logits, KVCache(k_new, v_new, cache_positions, cache_valid)

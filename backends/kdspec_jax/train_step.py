@@ -29,6 +29,7 @@ from .model import JaxModelConfig, Params, forward
 __all__ = [
     "Objective",
     "TrainState",
+    "cached_kd_objective",
     "ce_objective",
     "init_train_state",
     "kd_objective",
@@ -140,10 +141,57 @@ def kd_objective(
             counted,
         )
         ce = _masked_sum(losses.cross_entropy_terms(student, mb["labels"]), counted)
-        total = (1.0 - hard_label_weight) * soft_scale * soft
-        if hard_label_weight > 0:
-            total = total + hard_label_weight * ce
-        return total, {"kd": soft, "ce": ce}
+        return _mix(soft, ce, hard_label_weight, soft_scale), {"kd": soft, "ce": ce}
+
+    return objective
+
+
+def _mix(soft: jax.Array, ce: jax.Array, hard_label_weight: float,
+         soft_scale: float) -> jax.Array:
+    """``(1 − w)·s·soft + w·ce`` (the CE term left out at ``w = 0``, so its graph is too)."""
+    total = (1.0 - hard_label_weight) * soft_scale * soft
+    if hard_label_weight > 0:
+        total = total + hard_label_weight * ce
+    return total
+
+
+def cached_kd_objective(
+    student_config: JaxModelConfig,
+    *,
+    vocab_size: int,
+    temperature: float = 1.0,
+    hard_label_weight: float = 0.0,
+    soft_scale: float = 1.0,
+    compute_dtype: Any = None,
+    remat: bool = False,
+) -> Objective:
+    """Distillation from a cached teacher slice, read from the micro-batch (``teacher_ids``,
+    ``teacher_probs``: ``[b, T, K]``, probabilities summing to 1)::
+
+        ℓ_t = (1 − w)·s·Σ_k p_k (log p_k − log q_{id_k}) + w·CE(student_t, y_t)
+
+    summed over the counted positions, ``q = softmax(student / T)`` over the full vocabulary
+    (:func:`kdspec_jax.losses.sparse_forward_kl_terms`). Only the forward KL has a slice form;
+    the torch backend's cached ``Distill``. ``vocab_size`` is the cache's (the teacher's)."""
+    if student_config.vocab_size != vocab_size:
+        raise ValueError(
+            f"teacher vocabulary ({vocab_size}) != student vocabulary "
+            f"({student_config.vocab_size}): token-level KD needs one shared tokenizer")
+    if not 0.0 <= hard_label_weight <= 1.0:
+        raise ValueError(f"hard_label_weight must be in [0, 1], got {hard_label_weight}")
+
+    def objective(params: Params, mb: Batch, frozen: Any) -> tuple[jax.Array, dict]:
+        del frozen
+        student = forward(params, student_config, mb["input_ids"], mb.get("attention_mask"),
+                          compute_dtype=compute_dtype, remat=remat)
+        counted = _counted(mb)
+        soft = _masked_sum(
+            losses.sparse_forward_kl_terms(student, mb["teacher_ids"], mb["teacher_probs"],
+                                           temperature=temperature),
+            counted,
+        )
+        ce = _masked_sum(losses.cross_entropy_terms(student, mb["labels"]), counted)
+        return _mix(soft, ce, hard_label_weight, soft_scale), {"kd": soft, "ce": ce}
 
     return objective
 

@@ -41,7 +41,7 @@ MIN_CHUNK_ROWS = 256
 """Rows per chunk at least, whatever the vocabulary: with fewer, the LM-head matmuls stream the
 ``[vocab, hidden]`` weight (three times per chunk) for too little work. Measured with
 ``benchmarks/kd_loss_memory.py --sweep`` on the CPU (docs/benchmarks_kd_loss.md): 128 rows cost
-1.15–1.2× the CPU time of 256; 512 and 1024 rows gain nothing over 256 and add memory."""
+1.16–1.22× the CPU time of 256; 512 and 1024 rows gain nothing over 256 and add memory."""
 
 
 def default_chunk_size(vocab: int, budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES) -> int:

@@ -76,7 +76,10 @@ class TinyRun:
         self.spec = Spec.model_validate({
             "kdspec": 1, "name": "tiny", "seed": 0, "tokenizer": "builtin:words",
             "models": {"big": {"arch": TEACHER_ARCH}, "small": {"arch": TINY_ARCH}},
-            "data": {"corpus": {"source": "builtin:hmm", "n": 48}},
+            "data": {"corpus": {"source": "builtin:hmm", "n": 48},
+                     "tasks": {"source": "builtin:instructions", "n": 48},
+                     "held_out": {"source": "builtin:hmm", "split": "eval", "n": 16},
+                     "sums": {"source": "builtin:arithmetic", "split": "eval", "n": 12}},
             "hardware": {"parallelism": {"zero_stage": zero_stage}},
             "stages": stages,
         })

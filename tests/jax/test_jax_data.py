@@ -19,7 +19,14 @@ from kdspec_jax.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from kdspec_jax.data import EpochSampler, derive_seed, load_tokenizer, pack_documents, step_batch
+from kdspec_jax.data import (
+    EpochSampler,
+    derive_seed,
+    load_tokenizer,
+    pack_documents,
+    pair_rows,
+    step_batch,
+)
 from kdspec_jax.model import JaxModelConfig
 from kdspec_jax.train_step import init_train_state
 
@@ -33,6 +40,32 @@ def test_pack_documents_by_hand() -> None:
     np.testing.assert_array_equal(batch["labels"], [[8, 9, 10]])
     with pytest.raises(ValueError, match="no training example"):
         pack_documents([[5]], eos_id=1, seq_len=8)
+
+
+def test_pair_rows_by_hand_and_like_the_torch_backend() -> None:
+    """``[bos] + prompt + response + [eos]`` cut to seq_len + 1 and right-padded; targets are
+    the response and eos; a pair whose response is cut off entirely is dropped."""
+    prompts, responses = [[5, 6], [7, 8, 9, 10], [4] * 6], [[11], [12, 13], [14]]
+    rows = pair_rows(prompts, responses, bos_id=2, eos_id=3, pad_id=0, seq_len=5)
+    np.testing.assert_array_equal(rows.tokens, [[2, 5, 6, 11, 3, 0], [2, 7, 8, 9, 10, 12]])
+    np.testing.assert_array_equal(rows.lengths, [5, 6])
+    batch = rows.batch(np.array([0, 1]))
+    np.testing.assert_array_equal(batch["labels"], [[-100, -100, 11, 3, -100],
+                                                    [-100, -100, -100, -100, 12]])
+    np.testing.assert_array_equal(batch["attention_mask"], [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    short = pair_rows([[5]], [[6]], bos_id=None, eos_id=3, pad_id=0, seq_len=5)
+    np.testing.assert_array_equal(short.batch(np.array([0]))["attention_mask"], [[1, 1, 1, 0, 0]])
+    with pytest.raises(ValueError, match="no training example"):
+        pair_rows([[4] * 9], [[5]], bos_id=2, eos_id=3, pad_id=0, seq_len=5)
+
+    torch = pytest.importorskip("torch")
+    batches = pytest.importorskip("kdspec_torch.batches")
+    theirs = batches.pair_rows(prompts, responses, bos_id=2, eos_id=3, pad_id=0, seq_len=5)
+    np.testing.assert_array_equal(rows.tokens, theirs.tokens.numpy())
+    np.testing.assert_array_equal(rows.targets, theirs.targets.numpy())
+    np.testing.assert_array_equal(rows.lengths, theirs.lengths.numpy())
+    expected = theirs.batch(torch.tensor([0, 1]))
+    np.testing.assert_array_equal(batch["labels"], expected.labels.numpy())
 
 
 def test_sampler_visits_every_row_once_per_epoch() -> None:
@@ -112,7 +145,7 @@ def test_arch_config_matches_the_torch_backend(arch: dict, tmp_path: Path) -> No
     pytest.importorskip("torch")
     torch_models = pytest.importorskip("kdspec_torch.models")
     torch_tokenizer = pytest.importorskip("kdspec_torch.tokenizer")
-    from kdspec_jax.backend import arch_hf_config
+    from kdspec_jax.models import arch_hf_config
 
     spec = ArchConfig.model_validate(arch)
     jax_tok = load_tokenizer("builtin:words", spec_dir=tmp_path, work_dir=tmp_path / "a")

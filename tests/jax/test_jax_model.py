@@ -91,13 +91,13 @@ def test_llama3_rope_bands_by_hand() -> None:
 
 def test_attention_mask_pattern() -> None:
     pos = jnp.arange(5)[None]
-    full = m._attention_mask(pos, jnp.ones((1, 5), bool), jnp.int32(10**6))[0]
+    full = m._attention_mask(pos, pos, jnp.ones((1, 5), bool), jnp.int32(10**6))[0]
     np.testing.assert_array_equal(full, np.tril(np.ones((5, 5), bool)))
-    window = m._attention_mask(pos, jnp.ones((1, 5), bool), jnp.int32(2))[0]
+    window = m._attention_mask(pos, pos, jnp.ones((1, 5), bool), jnp.int32(2))[0]
     # Query t reads keys t-1 and t (window 2 includes the query itself, as in transformers).
     np.testing.assert_array_equal(window, np.tril(np.ones((5, 5), bool)) & ~np.tril(
         np.ones((5, 5), bool), k=-2))
-    padded = m._attention_mask(pos, jnp.array([[1, 1, 1, 0, 0]], bool), jnp.int32(10**6))[0]
+    padded = m._attention_mask(pos, pos, jnp.array([[1, 1, 1, 0, 0]], bool), jnp.int32(10**6))[0]
     assert not padded[:, 3:].any()
 
 

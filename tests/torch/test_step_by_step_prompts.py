@@ -167,3 +167,34 @@ def test_extract_counts_what_it_drops() -> None:
     unfiltered = extract(records, raws, PROMPT, filter_gold=False)
     assert [r["index"] for r in unfiltered.rows] == [0, 1, 5, 6]
     assert unfiltered.stats["disagrees_with_gold"] == 0
+
+
+@pytest.mark.parametrize(("rationales", "stage", "message"), [
+    ({"template": "Question:"}, {}, "needs an `{input}` placeholder"),
+    ({"answer_format": "{rationale}"}, {}, r"needs the placeholder\(s\) \{label\}"),
+    ({"answer_pattern": "The answer is (.+)"}, {}, "named group `\\(\\?P<label>"),
+    ({"answer_pattern": "The answer is (?P<label>"}, {}, "not a valid regular expression"),
+    ({"source": "data"}, {"teacher": "big"}, "drop `teacher` and `rationales.http`"),
+    ({}, {"teacher": None}, "give a teacher: .*`rationales.source: data`"),
+])
+def test_spec_checks_the_prompt_settings(rationales: dict, stage: dict, message: str) -> None:
+    from pydantic import ValidationError
+
+    from kdspec.spec.stages.step_by_step import StepByStepStage
+
+    fields = {"name": "s", "kind": "step_by_step", "data": "d", "steps": 1, "teacher": "big",
+              "rationales": rationales, **stage}
+    with pytest.raises(ValidationError, match=message):
+        StepByStepStage.model_validate(fields)
+
+
+def test_eval_prompts_must_name_evaluated_models() -> None:
+    from pydantic import ValidationError
+
+    from kdspec.spec.stages.eval import EvalStage
+
+    stage = {"name": "e", "kind": "eval", "models": ["a"], "data": ["d"]}
+    assert EvalStage.model_validate({**stage, "prompts": {"a": {}}}).prompts["a"].template == \
+        "{input}"
+    with pytest.raises(ValidationError, match="`prompts` names b, not in `models`"):
+        EvalStage.model_validate({**stage, "prompts": {"b": {}}})

@@ -177,7 +177,7 @@ def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Tensor], pad_i
     batch = RolloutBatch(
         input_ids=torch.cat([prompt_ids, response], dim=1),
         attention_mask=attention,
-        position_ids=(attention.cumsum(-1) - 1).clamp_min(0),
+        position_ids=(attention.cumsum(-1) - 1).masked_fill(attention == 0, 0),
         prompt_width=prompt_ids.shape[1],
         response=response,
         mask=mask,

@@ -41,6 +41,8 @@ from typing import Any
 
 __all__ = ["CallStats", "HTTPTeacherClient", "Reply", "TeacherConfigError", "request_key"]
 
+BACKOFF_BASE_S = 1.0  # first retry waits up to 1 s, then 2, 4, ... (full jitter)
+BACKOFF_CAP_S = 60.0
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504}) | frozenset(range(505, 600))
 FATAL_STATUS = frozenset({401, 403, 404})
 
@@ -120,7 +122,8 @@ class HTTPTeacherClient:
 
     def __init__(self, *, base_url: str, model: str, api_key: str | None, cache_dir: Path,
                  max_concurrency: int = 8, timeout_s: float = 60.0, max_retries: int = 5,
-                 backoff_base_s: float = 1.0, backoff_cap_s: float = 60.0, seed: int = 0):
+                 backoff_base_s: float | None = None, backoff_cap_s: float | None = None,
+                 seed: int = 0):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self._api_key = api_key
@@ -128,8 +131,8 @@ class HTTPTeacherClient:
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
         self.max_retries = max_retries
-        self.backoff_base_s = backoff_base_s
-        self.backoff_cap_s = backoff_cap_s
+        self.backoff_base_s = BACKOFF_BASE_S if backoff_base_s is None else backoff_base_s
+        self.backoff_cap_s = BACKOFF_CAP_S if backoff_cap_s is None else backoff_cap_s
         self._rng = random.Random(seed)  # jitter only; never affects what is generated
         self._abort = threading.Event()
 
@@ -196,7 +199,7 @@ class HTTPTeacherClient:
             if status in RETRY_STATUS:
                 raise _Retryable(f"HTTP {status}", _retry_after(err.headers)) from None
             return Reply(None, error=f"HTTP {status}")
-        except (TimeoutError, socket.timeout) as err:
+        except TimeoutError as err:
             raise _Retryable(f"timeout after {self.timeout_s}s") from err
         except urllib.error.URLError as err:
             if isinstance(err.reason, (TimeoutError, socket.timeout)):

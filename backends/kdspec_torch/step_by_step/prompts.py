@@ -144,8 +144,9 @@ class FewShot:
         """The prompt as chat turns (demonstrations as user/assistant pairs)."""
         turns = []
         for d in self.demonstrations:
+            answer = self.answer(d.rationale, d.label).strip()
             turns.append({"role": "user", "content": self.question(d.input).strip()})
-            turns.append({"role": "assistant", "content": self.answer(d.rationale, d.label).strip()})
+            turns.append({"role": "assistant", "content": answer})
         turns.append({"role": "user", "content": self.question(input_text).strip()})
         return turns
 

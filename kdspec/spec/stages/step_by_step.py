@@ -1,4 +1,4 @@
-"""`step_by_step`: Distilling Step-by-Step (Hsieh et al. 2023): teacher rationales + multi-task SFT."""
+"""`step_by_step`: Distilling Step-by-Step (Hsieh et al. 2023): rationales + multi-task SFT."""
 
 from __future__ import annotations
 
