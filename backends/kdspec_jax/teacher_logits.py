@@ -89,8 +89,10 @@ def run_teacher_logits(ctx: NodeContext) -> None:
     rows = build_token_rows("packed", records, tokenizer, config["seq_len"])
     teacher = load_model(config["teacher"], ctx=ctx, role="teacher", tokenizer=tokenizer,
                          trainable=False)
+    fingerprint = weights_fingerprint(teacher.params, teacher.config)
+    # A partial cache of another teacher (or other rows) is wiped rather than resumed.
     writer = CacheWriter(ctx.node_dir / "cache", cached_rows(rows, config),
-                         seq_len=config["seq_len"], k=k)
+                         seq_len=config["seq_len"], k=k, teacher_fingerprint=fingerprint)
     ctx.emit(Event("start", node, step=writer.n_shards - len(writer.pending()),
                    total=writer.n_shards, unit="shard"))
     for shard in writer.pending():
@@ -101,5 +103,4 @@ def run_teacher_logits(ctx: NodeContext) -> None:
         writer.write_shard(shard, ids, probs)
         ctx.emit(Event("progress", node, step=shard + 1, total=writer.n_shards, unit="shard"))
     writer.finish(mode=mode, temperature=config["temperature"],
-                  vocab_size=teacher.config.vocab_size, node_fingerprint=ctx.node.fingerprint,
-                  teacher_fingerprint=weights_fingerprint(teacher.params, teacher.config))
+                  vocab_size=teacher.config.vocab_size, node_fingerprint=ctx.node.fingerprint)

@@ -29,27 +29,25 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from kdspec.estimate.memory import CHUNK_BUDGET_BYTES, default_chunk_rows
+from kdspec.estimate.memory import MIN_CHUNK_ROWS as MIN_CHUNK_ROWS  # re-exported
+
 from .losses import check_kd_options, resolve_teacher
 
 __all__ = ["DEFAULT_CHUNK_BUDGET_BYTES", "chunked_kd_loss", "default_chunk_size"]
 
-DEFAULT_CHUNK_BUDGET_BYTES = 32 * 2**20
+DEFAULT_CHUNK_BUDGET_BYTES = CHUNK_BUDGET_BYTES
 """Bytes of ONE fp32 ``[chunk, vocab]`` buffer at the default chunk size, for small
 vocabularies; a chunk holds 2 to 4 such buffers (see ``_chunk_loss_and_grad``)."""
-
-MIN_CHUNK_ROWS = 256
-"""Rows per chunk at least, whatever the vocabulary: with fewer, the LM-head matmuls stream the
-``[vocab, hidden]`` weight (three times per chunk) for too little work. Measured with
-``benchmarks/kd_loss_memory.py --sweep`` on the CPU (docs/benchmarks_kd_loss.md): 128 rows cost
-1.16–1.22× the CPU time of 256; 512 and 1024 rows gain nothing over 256 and add memory."""
 
 
 def default_chunk_size(vocab: int, budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES) -> int:
     """Rows per chunk: the largest power of two whose fp32 ``[chunk, vocab]`` buffer fits in
     ``budget_bytes``, kept within [``MIN_CHUNK_ROWS``, 8192]: 256 rows for vocabularies of 32k
-    and more (a 128 MiB buffer at 128k), 1024 at 8k."""
-    rows = max(1, budget_bytes // (4 * vocab))
-    return max(MIN_CHUNK_ROWS, min(8192, 1 << (rows.bit_length() - 1)))
+    and more (a 128 MiB buffer at 128k), 1024 at 8k. The estimator's own rule
+    (:func:`kdspec.estimate.memory.default_chunk_rows`), so `kdspec plan` prices these chunks;
+    ``MIN_CHUNK_ROWS`` is measured with ``benchmarks/kd_loss_memory.py --sweep``."""
+    return default_chunk_rows(vocab, budget_bytes)
 
 
 @dataclass(frozen=True)

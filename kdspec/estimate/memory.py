@@ -25,16 +25,59 @@ from .params import param_counts
 
 Recompute = Literal["none", "selective", "full"]
 FP32 = 4
-DEFAULT_CHUNK_TOKENS = 1024
-"""Tokens per chunk of a chunked (fused linear + loss) logit computation."""
+
+# ---- the chunked KD loss: when it is used and how many rows a chunk has --------------------
+# One rule for the planner (kdspec.plan.workload_map) and the torch backend
+# (kdspec_torch.objectives.distill, kdspec_torch.chunked_loss), so that `kdspec plan` prices the
+# memory the backend will use.
+
+CHUNKED_AUTO_ELEMENTS = 2**27
+"""``loss.chunked: auto`` picks the chunked loss when one micro-batch's ``tokens × vocab``
+reaches this: 512 MiB per fp32 copy of the logits, of which naive KD holds 5."""
+CHUNK_BUDGET_BYTES = 32 * 2**20
+"""Bytes of ONE fp32 ``[chunk, vocab]`` buffer at the default chunk size (small vocabularies)."""
+MIN_CHUNK_ROWS = 256
+"""Rows per chunk at least: with fewer, the LM-head matmuls stream the ``[vocab, hidden]`` weight
+for too little work (128 rows cost 1.16–1.22× the CPU time of 256; docs/benchmarks.md)."""
+MAX_CHUNK_ROWS = 8192
+CHUNK_ROWS_AUTO = 0
+"""``chunk_tokens`` value meaning "the backend's default for this vocabulary"
+(:func:`default_chunk_rows`)."""
+DEFAULT_CHUNK_TOKENS = CHUNK_ROWS_AUTO
+"""Tokens per chunk of a chunked (fused linear + loss) logit computation: the backend's."""
+
+
+def default_chunk_rows(vocab: int, budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:
+    """Rows per chunk of the chunked KD loss: the largest power of two ``r`` with
+    ``4·r·vocab ≤ budget_bytes`` (one fp32 ``[r, vocab]`` buffer), clamped to
+    [``MIN_CHUNK_ROWS``, ``MAX_CHUNK_ROWS``]: 256 rows for vocabularies of 32k and more,
+    1024 at 8k, 8192 below 1k."""
+    if vocab < 1:
+        raise ValueError(f"vocab must be >= 1, got {vocab}")
+    rows = max(1, budget_bytes // (FP32 * vocab))
+    return max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, 1 << (rows.bit_length() - 1)))
+
+
+def chunked_by_default(tokens: int, vocab: int) -> bool:
+    """``loss.chunked: auto``: chunk when a micro-batch's ``tokens · vocab ≥
+    CHUNKED_AUTO_ELEMENTS`` (for models whose LM head the chunked loss can apply)."""
+    return tokens * vocab >= CHUNKED_AUTO_ELEMENTS
+
+
+def chunk_rows(chunk_tokens: int, vocab: int) -> int:
+    """``chunk_tokens``, or :func:`default_chunk_rows` for ``CHUNK_ROWS_AUTO``."""
+    return default_chunk_rows(vocab) if chunk_tokens == CHUNK_ROWS_AUTO else chunk_tokens
+
 
 # Naive KD keeps these [tokens × vocab] fp32 buffers live at the loss's peak (in backward):
 # student logits upcast to fp32, the student log-softmax saved for backward, the gradient of the
 # student logits; teacher logits upcast to fp32 and the teacher probabilities (online teacher).
+# The chunked loss holds at most 4 (JSD) per chunk; the same 5 are counted, a bound.
 STUDENT_LOGIT_COPIES = 3
 TEACHER_LOGIT_COPIES = 2
-# A cached teacher slice: int32 token id + fp32 probability per kept entry.
-CACHED_ENTRY_BYTES = 8
+# A cached teacher slice as the loss reads it: the reader widens the cache's int32 id and
+# float16 probability to an int64 id and an fp32 probability per kept entry.
+CACHED_ENTRY_BYTES = 8 + 4
 
 
 @dataclass(frozen=True)
@@ -235,15 +278,18 @@ def logit_buffer_bytes(
     Naive (unchunked): ``STUDENT_LOGIT_COPIES`` = 3 student copies (fp32 logits, log-softmax
     saved for backward, logit gradient) and, with an online teacher, ``TEACHER_LOGIT_COPIES``
     = 2 more (fp32 logits and probabilities): 5 copies for online KD, 3 for plain
-    cross-entropy. A cached teacher adds only its slice, tokens·k·8 bytes (int32 id + fp32
-    probability). Chunked loss (``chunk_tokens``): the same copies, for one chunk of tokens.
+    cross-entropy. A cached teacher adds its slice for the micro-batch,
+    ``tokens·k·CACHED_ENTRY_BYTES`` (int64 id + fp32 probability, as the reader hands them
+    over). Chunked loss (``chunk_tokens``; ``CHUNK_ROWS_AUTO`` = :func:`default_chunk_rows`):
+    the same logit copies, for one chunk of rows.
     """
-    live = tokens if chunk_tokens is None else min(tokens, chunk_tokens)
+    live = tokens if chunk_tokens is None else min(tokens, chunk_rows(chunk_tokens, vocab_size))
     buffers = {"student_logits": STUDENT_LOGIT_COPIES * live * vocab_size * FP32}
     if teacher == "online":
         buffers["teacher_logits"] = TEACHER_LOGIT_COPIES * live * vocab_size * FP32
     elif teacher == "cached":
-        buffers["teacher_cache_slice"] = live * cache_k * CACHED_ENTRY_BYTES
+        # The whole micro-batch's slice is read at once, chunked or not.
+        buffers["teacher_cache_slice"] = tokens * cache_k * CACHED_ENTRY_BYTES
     return buffers
 
 
@@ -323,7 +369,9 @@ def training_memory(
     with ZeRO-3 also the unsharded units in use, ``zero3_gather_bytes``), activations
     (``activation_bytes``), a frozen online teacher's weights and its transient forward
     activations, and the loss's logit buffers (``logit_buffer_bytes``; the student's
-    vocabulary, over the tokens that get logits: decoder tokens for T5)."""
+    vocabulary, over the tokens that get logits: decoder tokens for T5). ``chunk_tokens``
+    (None: naive loss) prices the chunked loss, plus its fp32 head-gradient accumulator when
+    gradients are 16-bit."""
     precision = training_precision(dtype_bytes)
     layout = {"data_parallel": hardware.dp, "zero_stage": hardware.zero_stage,
               "tensor_parallel": hardware.tensor_parallel}
@@ -351,4 +399,8 @@ def training_memory(
         logit_tokens, student.vocab_size, teacher=teacher_mode if teacher else "none",
         cache_k=cache_k, chunk_tokens=chunk_tokens,
     ))
+    if chunk_tokens is not None and precision.grad_bytes != FP32:
+        # The chunked loss accumulates the head-weight gradient in fp32 from its first chunk
+        # and casts it at the end; with fp32 gradients that buffer becomes `.grad` itself.
+        breakdown["chunked_head_grad_fp32"] = student.vocab_size * student.d_model * FP32
     return MemoryEstimate(breakdown)

@@ -14,6 +14,9 @@ TEXT_BYTES_PER_TOKEN = 4
 """Generated text on disk: ~4 bytes of UTF-8 per token (English BPE), before JSON overhead."""
 CACHE_ID_BYTES = 4
 """Token id in a teacher-logit cache: int32."""
+CACHE_PROB_BYTES = 2
+"""Probability in the kdspec backends' teacher-logit cache: float16 (6 bytes a slot with the id;
+per-shard headers and checksums add about 1 KiB per 64 MiB shard, not counted)."""
 
 
 def checkpoint_bytes(a: ArchDims, dtype_bytes: int, *, save_optimizer: bool = True) -> int:

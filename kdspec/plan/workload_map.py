@@ -13,12 +13,11 @@ from typing import Any
 from ..estimate import workloads as wl
 from ..estimate.arch import ArchDims
 from ..estimate.hardware import Hardware
+from ..estimate.memory import chunked_by_default
+from ..estimate.storage import CACHE_PROB_BYTES
 from .archinfo import origin_dims
 from .checks import _origin
 
-# A chunked KD loss is worth it once one micro-batch's fp32 logits pass this size (also the
-# torch backend's "auto" rule).
-CHUNKED_AUTO_BYTES = 2**30
 CHARS_PER_TOKEN = 4  # rough, for prompt text whose tokenizer the planner does not load
 
 
@@ -35,11 +34,16 @@ def _train_tokens(stage: dict[str, Any]) -> int:
     return steps * stage["batch_size"] * stage["seq_len"]
 
 
-def _chunked(stage: dict[str, Any], student: ArchDims, micro_batch: int) -> bool:
+def _chunked(stage: dict[str, Any], student: ArchDims, micro_batch: int,
+             teacher: ArchDims | None = None) -> bool:
+    """Whether the backend runs the chunked KD loss (`loss.chunked`): `on`, or `auto` with the
+    backend's own rule (`chunked_by_default` on one micro-batch's tokens), never for a model
+    whose LM head the chunked loss cannot apply (gemma2 soft-caps its final logits)."""
     setting = stage.get("loss", {}).get("chunked", "off")
     if setting != "auto":
         return setting == "on"
-    return micro_batch * stage["seq_len"] * student.vocab_size * 4 >= CHUNKED_AUTO_BYTES
+    capable = all(m.family != "gemma2" for m in (student, teacher) if m is not None)
+    return capable and chunked_by_default(micro_batch * stage["seq_len"], student.vocab_size)
 
 
 def _target_len(stage: dict[str, Any], student: ArchDims) -> int | None:
@@ -109,14 +113,21 @@ def _seqkd(node, spec, hardware, dims, dtype_bytes):
     return combine(train, generation)
 
 
+# Packed rows per teacher forward in the backends' teacher_logits nodes (ROWS_PER_FORWARD).
+TEACHER_LOGITS_ROWS_PER_FORWARD = 8
+
+
 def _teacher_logits(node, spec, hardware, dims, dtype_bytes):
+    """The teacher forward over the cached tokens, `TEACHER_LOGITS_ROWS_PER_FORWARD` rows at
+    a time, and the cache on disk at the backends' float16 probabilities."""
     teacher = dims.get("teacher")
     if teacher is None:
         return None
     config = node.config
     return wl.estimate_teacher_logits(
         teacher, tokens=config["tokens"], seq_len=config["seq_len"], k=config["cache"]["k"],
-        hardware=hardware, dtype_bytes=dtype_bytes,
+        hardware=hardware, dtype_bytes=dtype_bytes, prob_bytes=CACHE_PROB_BYTES,
+        micro_batch=TEACHER_LOGITS_ROWS_PER_FORWARD,
         target_len=config["seq_len"] if teacher.is_encoder_decoder else None)
 
 

@@ -78,8 +78,7 @@ class TinyRun:
             "models": {"big": {"arch": TEACHER_ARCH}, "small": {"arch": TINY_ARCH}},
             "data": {"corpus": {"source": "builtin:hmm", "n": 48},
                      "tasks": {"source": "builtin:instructions", "n": 48},
-                     "held_out": {"source": "builtin:hmm", "split": "eval", "n": 16},
-                     "sums": {"source": "builtin:arithmetic", "split": "eval", "n": 12}},
+                     "held_out": {"source": "builtin:hmm", "split": "eval", "n": 16}},
             "hardware": {"parallelism": {"zero_stage": zero_stage}},
             "stages": stages,
         })

@@ -3,7 +3,6 @@ backend's definitions, and one file format read and written by both backends."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -12,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdspec_jax import teacher_cache
-from kdspec_jax.teacher_cache import CacheReader, CacheWriter
+from kdspec_jax.teacher_cache import CacheReader, CacheWriter, CorruptCacheError, file_sha256
 from kdspec_jax.teacher_slice import densify_slice, sampled_slice, topk_slice
 
 
@@ -73,22 +71,21 @@ def _slices(rows: int, seq: int, k: int, seed: int) -> tuple[np.ndarray, np.ndar
     return ids, probs
 
 
-def test_cache_round_trip_across_shards_and_resume(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_round_trip_across_shards_and_resume(tmp_path: Path) -> None:
     seq, k = 3, 2
-    monkeypatch.setattr(teacher_cache, "SHARD_BYTES", 2 * seq * k * 6)  # two rows a shard
     rows = np.asarray([1, 4, 5, 9, 12])
-    writer = CacheWriter(tmp_path, rows, seq_len=seq, k=k)
-    assert (writer.rows_per_shard, writer.n_shards) == (2, 3)
+    writer = CacheWriter(tmp_path, rows, seq_len=seq, k=k, shard_bytes=2 * seq * k * 6)
+    assert (writer.rows_per_shard, writer.n_shards) == (2, 3)  # two rows a shard
     data = {s: _slices(len(writer.shard_rows(s)), seq, k, seed=s) for s in range(3)}
     writer.write_shard(0, *data[0])
-    again = CacheWriter(tmp_path, rows, seq_len=seq, k=k)  # a killed writer, restarted
-    assert again.pending() == [1, 2]
+    again = CacheWriter(tmp_path, rows, seq_len=seq, k=k, shard_bytes=2 * seq * k * 6)
+    assert again.pending() == [1, 2]  # a killed writer, restarted, keeps shard 0
     with pytest.raises(RuntimeError, match=r"shards \[1, 2\] are missing"):
         again.finish(mode="topk")
     for shard in again.pending():
         again.write_shard(shard, *data[shard])
-    again.finish(mode="topk", temperature=1.0, vocab_size=100)
+    manifest = again.finish(mode="topk", temperature=1.0, vocab_size=100)
+    assert manifest["sha256"]["ids-00002.npy"] == file_sha256(tmp_path / "ids-00002.npy")
     reader = CacheReader.open(tmp_path)
     ids, probs = reader.get(np.asarray([9, 1]))
     np.testing.assert_array_equal(ids, [data[1][0][1], data[0][0][0]])
@@ -96,14 +93,29 @@ def test_cache_round_trip_across_shards_and_resume(tmp_path: Path,
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)  # renormalised
     with pytest.raises(KeyError, match="row 2 is not in the teacher cache"):
         reader.get(np.asarray([2]))
-    CacheWriter(tmp_path, rows[:3], seq_len=seq, k=k)  # another row set wipes the old one
-    assert not (tmp_path / "manifest.json").exists()
-    assert sorted(p.name for p in tmp_path.glob("*.npy")) == ["rows.npy"]
+    CacheWriter(tmp_path, rows[:3], seq_len=seq, k=k)  # another identity wipes the old cache
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.npy", "writer.json"]
+    with pytest.raises(ValueError, match="strictly ascending"):
+        CacheWriter(tmp_path, np.asarray([3, 3]), seq_len=seq, k=k)
+
+
+def test_a_corrupt_shard_is_named_when_first_read(tmp_path: Path) -> None:
+    writer = CacheWriter(tmp_path, np.asarray([0, 1]), seq_len=2, k=2, shard_bytes=2 * 2 * 6)
+    for shard in range(2):
+        writer.write_shard(shard, *_slices(1, 2, 2, seed=shard))
+    writer.finish(mode="topk", temperature=1.0, vocab_size=100)
+    raw = bytearray((tmp_path / "probs-00001.npy").read_bytes())
+    raw[-1] ^= 1
+    (tmp_path / "probs-00001.npy").write_bytes(bytes(raw))
+    reader = CacheReader.open(tmp_path)
+    reader.get(np.asarray([0]))  # shard 0 is intact
+    with pytest.raises(CorruptCacheError, match="probs-00001.npy is corrupt"):
+        reader.get(np.asarray([1]))
 
 
 def test_one_cache_format_for_both_backends(tmp_path: Path) -> None:
-    """A cache the JAX backend writes is read by kdspec_torch's reader, and the other way
-    round; the manifests carry the same keys."""
+    """A cache the JAX backend writes is read by kdspec_torch's reader and the other way
+    round; for the same slices both write the same files and manifest."""
     torch = pytest.importorskip("torch")
     torch_cache = pytest.importorskip("kdspec_torch.teacher_cache")
     rows, (ids, probs) = np.asarray([0, 3, 7]), _slices(3, 4, 5, seed=0)
@@ -129,6 +141,7 @@ def test_one_cache_format_for_both_backends(tmp_path: Path) -> None:
     np.testing.assert_allclose(got_probs, want_probs.numpy(), rtol=1e-6)
 
     assert jax_manifest == torch_manifest
-    for name in ("rows.npy", "ids-00000.npy", "probs-00000.npy"):
+    files = sorted(p.name for p in (tmp_path / "torch").iterdir())
+    assert sorted(p.name for p in (tmp_path / "jax").iterdir()) == files
+    for name in files:
         assert (tmp_path / "jax" / name).read_bytes() == (tmp_path / "torch" / name).read_bytes()
-    assert json.loads((tmp_path / "jax" / "manifest.json").read_text()) == torch_manifest

@@ -41,7 +41,7 @@ from kdspec_torch.optim import build_scheduler  # noqa: E402
 from kdspec_torch.step import forward_backward  # noqa: E402
 
 STEPS, BATCH, ACCUM, SEQ = 5, 4, 2, 32
-OPTIMIZER = OptimizerConfig(lr=3e-3, weight_decay=0.1, grad_clip=0.5)
+OPTIMIZER = OptimizerConfig(lr=3e-3, weight_decay=0.1, grad_clip=0.1)
 SCHEDULE = ScheduleConfig(kind="cosine", warmup_steps=2)
 LOSS = KDLoss(temperature=2.0, hard_label_weight=0.2)
 STUDENT = {"family": "llama", "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,

@@ -27,6 +27,11 @@ def test_minillm_node_trains_and_saves(make_run):
     assert (run.model_dir("polish") / "config.json").exists()
     measured = json.loads((run.run_dir / "polish" / "measured.json").read_text())
     assert measured["steps"] == 4 and measured["rollouts"] == 16
+    # FLOPs per step = one round's rollouts (8, measured on a chunk of 4) over its 2 steps
+    # plus one step's passes
+    assert measured["flops_per_step"] == pytest.approx(
+        measured["rollout_flops_per_round"] / 2 + measured["step_flops"])
+    assert measured["step_flops"] > 0 and measured["rollout_flops_per_round"] > 0
     metrics = run.metrics("polish")
     rounds = [m for m in metrics if "round" in m]
     steps = [m for m in metrics if "pg_loss" in m]

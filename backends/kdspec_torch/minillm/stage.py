@@ -24,16 +24,20 @@ stream over the prompts, its sampling generator and its mini-batch orders are se
 own stream. So the run is a function of the step count at round boundaries: checkpoints are
 written at the end of the round in which a multiple of `checkpoint_every` falls (and at the
 last step), and a killed run resumes from the newest one, redoing at most one round.
+
+The node writes `model/`, `flops.json` (`measure_flops`, once) and `measured.json`.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdspec.run.backend import NodeContext
@@ -60,7 +64,14 @@ from ..checkpoint import (
 from ..models import load_model, save_model
 from ..objectives.distill import check_vocab
 from ..optim import build_optimizer, build_scheduler
-from ..runtime import autocast, autocast_dtype, derive_seed, device, make_deterministic
+from ..runtime import (
+    autocast,
+    autocast_dtype,
+    derive_seed,
+    device,
+    make_deterministic,
+    preserved_rng,
+)
 from ..tokenizer import load_tokenizer
 from .math import (
     advantages,
@@ -85,6 +96,7 @@ from .rollout import (
 
 __all__ = [
     "MiniLLMJob",
+    "measure_flops",
     "ppo_step",
     "pretrain_step_loss",
     "rollout_config",
@@ -341,6 +353,49 @@ def _report_step(ctx: NodeContext, state: TrainState, stage: MiniLLMStage, lr: f
 
 
 # --------------------------------------------------------------------------------------------
+# Measured FLOPs
+# --------------------------------------------------------------------------------------------
+
+
+def measure_flops(job: MiniLLMJob) -> dict[str, Any]:
+    """FLOPs per optimizer step, rollouts included, by `torch.utils.flop_counter` (both models
+    in eager attention, which the CPU counter sees; RNG streams and gradients left as they
+    were): one chunk of `batch_size` rollouts of round 0 (sampling + scoring), scaled to the
+    round's `num_rollouts` and spread over its `steps_per_round` steps, plus step 0 (PPO and
+    pre-training forward and backward passes, teacher forwards)."""
+    stage = job.stage
+    models = (job.student, job.teacher)
+    previous = [m.config._attn_implementation for m in models]
+    started = time.perf_counter()
+    prompts = [job.prompts[i] for i in job.prompt_sampler.indices(0, stage.batch_size).tolist()]
+    generator = torch.Generator(device=job.device).manual_seed(derive_seed(job.seed, "flops"))
+    with preserved_rng():
+        try:
+            for m in models:
+                m.set_attn_implementation("eager")
+            with FlopCounterMode(display=False) as rollout_counter:
+                rollouts, _ = sample_rollouts(
+                    job.student, job.teacher, prompts, job.rollout, pad_id=job.pad_id,
+                    eos_id=job.eos_id, generator=generator, chunk_size=stage.batch_size)
+            pt = None
+            if job.pretrain is not None:
+                pt = step_batches(job.pretrain, job.pretrain_sampler, 0, stage.batch_size,
+                                  stage.grad_accum)
+            with FlopCounterMode(display=False) as step_counter:
+                ppo_step(job, rollouts, pt)
+        finally:
+            job.student.zero_grad(set_to_none=True)
+            for m, impl in zip(models, previous, strict=True):
+                m.set_attn_implementation(impl)
+    per_round = rollout_counter.get_total_flops() * stage.num_rollouts / len(prompts)
+    step = step_counter.get_total_flops()
+    return {"flops_per_step": per_round / steps_per_round(stage) + step,
+            "rollout_flops_per_round": per_round, "step_flops": step, "flop_steps": 1,
+            "flop_seconds": round(time.perf_counter() - started, 3),
+            "attn_implementation": "eager"}
+
+
+# --------------------------------------------------------------------------------------------
 # The node
 # --------------------------------------------------------------------------------------------
 
@@ -401,14 +456,19 @@ def run_minillm_node(ctx: NodeContext) -> None:
     stage = stage_of(ctx)
     make_deterministic()
     job, tokenizer = build_job(ctx, stage)
+    flops = ctx.node_dir / "flops.json"
+    if not flops.exists():  # once per node, not again on resume
+        atomic_write_json(flops, measure_flops(job))
     state = train_minillm(job)
     save_model(job.student, tokenizer, ctx.node_dir / "model")
-    _write_measured(ctx, state)
+    _write_measured(ctx, state, json.loads(flops.read_text()))
 
 
-def _write_measured(ctx: NodeContext, state: TrainState) -> None:
+def _write_measured(ctx: NodeContext, state: TrainState, flops: dict[str, Any]) -> None:
+    """`measured.json`: the measured FLOPs and the loop's steps, student tokens, rollouts,
+    wall time (rollouts included, summed over resumed segments) and tokens/s."""
     wall = state.wall_seconds
     atomic_write_json(ctx.node_dir / "measured.json", {
-        "steps": state.step, "tokens": state.tokens, "rollouts": state.samples,
+        **flops, "steps": state.step, "tokens": state.tokens, "rollouts": state.samples,
         "wall_seconds": round(wall, 3),
         "tokens_per_s": round(state.tokens / wall, 1) if wall > 0 else None})

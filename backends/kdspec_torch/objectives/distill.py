@@ -11,7 +11,8 @@ defines forward KL only.
 Two computations of the same value: plain (full `[tokens, vocab]` logits and
 `kdspec_torch.losses`), or chunked (`chunked_kd_loss` on the final hidden states and the head
 weight, never building the logits). `loss.chunked: auto` picks chunked when a micro-batch's
-`tokens × vocab ≥ CHUNK_AUTO_ELEMENTS` (2^27: 512 MiB per fp32 copy of the logits).
+`tokens × vocab ≥ CHUNKED_AUTO_ELEMENTS` (2^27: 512 MiB per fp32 copy of the logits), the
+estimator's rule (`kdspec.estimate.memory.chunked_by_default`), so `kdspec plan` prices it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from kdspec.estimate.memory import CHUNKED_AUTO_ELEMENTS, chunked_by_default
 from kdspec.spec.stages.common import KDLoss
 
 from ..batches import IGNORE_INDEX, Batch
@@ -36,7 +38,7 @@ from .base import (
     require_causal,
 )
 
-CHUNK_AUTO_ELEMENTS = 2**27
+CHUNK_AUTO_ELEMENTS = CHUNKED_AUTO_ELEMENTS  # the name this module exported first
 
 
 def use_chunked(setting: str, tokens: int, vocab: int, *, capable: bool = True) -> bool:
@@ -44,7 +46,7 @@ def use_chunked(setting: str, tokens: int, vocab: int, *, capable: bool = True) 
     `tokens` tokens. `auto` never picks it for models it cannot serve (`capable` False: a head
     bias or a final-logit soft cap); `on` then fails with the reason when the loss runs."""
     if setting == "auto":
-        return capable and tokens * vocab >= CHUNK_AUTO_ELEMENTS
+        return capable and chunked_by_default(tokens, vocab)
     return setting == "on"
 
 
