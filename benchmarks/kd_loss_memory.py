@@ -17,7 +17,7 @@ side builds them a chunk at a time.
 ``--sweep`` runs the chunked side at each chunk size (and the naive side once) to pick the
 default. Configurations run one at a time; the naive side at 4096 × 131072 peaks near 12 GiB and
 is skipped when its estimate exceeds ``--max-gib`` or 80% of the available memory. Results:
-docs/benchmarks_kd_loss.md.
+docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -146,11 +146,14 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=Path("/tmp/kd-trl"))
     parser.add_argument("--trl-only", action="store_true",
                         help="(internal) run the TRL side on an existing --run-dir and print JSON")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep a finished kdspec run in --run-dir; rerun only TRL")
     args = parser.parse_args()
     if args.trl_only:
         print(json.dumps(run_trl(args.run_dir)))
         return
-    run_kdspec(args.run_dir)
+    if not (args.reuse and (args.run_dir / "run" / "kd_topk" / "measured.json").exists()):
+        run_kdspec(args.run_dir)
     trl = json.loads(subprocess.run(
         [sys.executable, __file__, "--trl-only", "--run-dir", str(args.run_dir)], check=True,
         capture_output=True, text=True, cwd=ROOT).stdout.strip().splitlines()[-1])

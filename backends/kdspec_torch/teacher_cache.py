@@ -139,9 +139,11 @@ class CacheWriter:
         identity, path = self._identity(), self.folder / "writer.json"
         if path.exists() and json.loads(path.read_text()) == identity:
             return
-        # Another writer's shards (other rows, shape or teacher) must not be resumed.
-        for stale in [*self.folder.glob("*.npy"), *self.folder.glob("*.json")]:
-            stale.unlink()
+        # Another writer's shards (other rows, shape or teacher) must not be resumed; temp
+        # files of killed writers go too.
+        for pattern in ("*.npy", "*.json", ".*.tmp-*"):
+            for stale in self.folder.glob(pattern):
+                stale.unlink()
         atomic_write_json(path, identity)
         _save_npy(self.folder / "rows.npy", self.rows)
 
@@ -250,10 +252,11 @@ class CacheReader:
     def cache_rows(self, index: Tensor | np.ndarray) -> np.ndarray:
         """The cache rows of dataset rows `index`; KeyError names a row that is not cached."""
         wanted = np.asarray(index, dtype=np.int64).reshape(-1)
-        found = np.searchsorted(self.rows, wanted).clip(max=len(self.rows) - 1)
-        missing = wanted[self.rows[found] != wanted]
-        if missing.size:
-            raise KeyError(f"dataset row {int(missing[0])} is not in the teacher cache")
+        found = np.searchsorted(self.rows, wanted)
+        hit = found < len(self.rows)
+        hit[hit] = self.rows[found[hit]] == wanted[hit]
+        if not hit.all():
+            raise KeyError(f"dataset row {int(wanted[~hit][0])} is not in the teacher cache")
         return found
 
     def get(self, index: Tensor, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:

@@ -64,8 +64,9 @@ def run_teacher_logits(ctx: NodeContext) -> None:
     data = build_token_data("packed", records, tokenizer, config["seq_len"])
     teacher = load_model(config["teacher"], ctx=ctx, role="teacher", tokenizer=tokenizer,
                          dev=dev, trainable=False)
+    teacher_print = weights_fingerprint(teacher)
     writer = CacheWriter(ctx.node_dir / "cache", cached_rows(data, config).numpy(),
-                         seq_len=config["seq_len"], k=k)
+                         seq_len=config["seq_len"], k=k, teacher_fingerprint=teacher_print)
     amp = autocast_dtype("auto", dev)
     ctx.emit(Event("start", node, step=writer.n_shards - len(writer.pending()),
                    total=writer.n_shards, unit="shard"))
@@ -81,4 +82,4 @@ def run_teacher_logits(ctx: NodeContext) -> None:
     writer.finish(mode=mode, temperature=config["temperature"],
                   vocab_size=teacher.get_output_embeddings().weight.shape[0],
                   node_fingerprint=ctx.node.fingerprint,
-                  teacher_fingerprint=weights_fingerprint(teacher))
+                  teacher_fingerprint=teacher_print)

@@ -62,7 +62,8 @@ def _train(node, spec, hardware, dims, dtype_bytes, *, passes: int = 1):
         hardware=hardware, dtype_bytes=dtype_bytes,
         teacher=teacher if uses_teacher_logits else None,
         teacher_online=cache["mode"] == "online", passes_per_example=passes,
-        recompute=stage["recompute"], chunked_loss=_chunked(stage, student, micro),
+        recompute=stage["recompute"],
+        chunked_loss=_chunked(stage, student, micro, teacher if uses_teacher_logits else None),
         teacher_cache_k=0 if cache["mode"] == "online" else cache["k"],
         target_len=_target_len(stage, student),
     )

@@ -39,7 +39,8 @@ QUESTIONS = [f"What is {a} + {b}?" for a, b in [(1, 2), (3, 4), (5, 6), (7, 7), 
 class TeacherServer:
     """`/v1/chat/completions` answering `What is a + b?` with `a + b = c. The answer is c.`
     (wrong for 7 + 7, to exercise the gold filter). `script[question]` lists what the first
-    attempts at a question get ("500", "timeout", "429", "400"); later attempts are answered."""
+    attempts at a question get ("500", "timeout", "429", "400", "garbage": a 200 that is not
+    JSON); later attempts are answered."""
 
     def __init__(self, *, delay: float = 0.0, timeout_sleep: float = 1.5):
         self.requests = 0
@@ -107,6 +108,8 @@ class TeacherServer:
                     self._release()
                     time.sleep(server.timeout_sleep)
                 time.sleep(server.delay)
+                if action == "garbage":
+                    return self._send(200, None)
                 if action in ("500", "429", "400"):
                     headers = {"Retry-After": "0"} if action == "429" else {}
                     return self._send(int(action), {"error": action}, headers)
@@ -117,9 +120,9 @@ class TeacherServer:
                                  "usage": {"prompt_tokens": prompt_tokens,
                                            "completion_tokens": len(text.split())}})
 
-            def _send(self, status: int, payload: dict[str, Any],
+            def _send(self, status: int, payload: dict[str, Any] | None,
                       headers: dict[str, str] | None = None) -> None:
-                data = json.dumps(payload).encode()
+                data = b"<html>gateway</html>" if payload is None else json.dumps(payload).encode()
                 try:
                     self.send_response(status)
                     for name, value in {"Content-Type": "application/json",
@@ -284,6 +287,21 @@ def test_bad_request_fails_one_and_429_honours_retry_after(
     assert server.attempts["Q: " + QUESTIONS[0]] == 1  # not retried
     assert server.attempts["Q: " + QUESTIONS[1]] == 3
     assert (stats.failed, stats.retries, stats.done) == (1, 2, 3)
+
+
+def test_identical_requests_are_sent_once_and_a_non_json_reply_fails_one(
+        tmp_path: Path, server: TeacherServer) -> None:
+    server.script = {"Q: " + QUESTIONS[1]: ["garbage"]}
+    client = HTTPTeacherClient(base_url=server.base_url, model="m", api_key=KEY,
+                               cache_dir=tmp_path)
+    asked = [QUESTIONS[0], QUESTIONS[1], QUESTIONS[0]]
+    bodies = [client.body([{"role": "user", "content": f"Q: {q}"}], max_tokens=8,
+                          temperature=0.0) for q in asked]
+    replies, stats = client.complete(bodies)
+    assert server.requests == 2 and stats.total == stats.done == 2
+    assert replies[0].text == replies[2].text == server.answer(QUESTIONS[0])
+    assert replies[1].text is None and replies[1].error == "the response is not JSON"
+    assert not replies[1].transient and stats.failed == 1
 
 
 def test_exhausted_retries_fail_the_node_and_a_rerun_pays_only_for_them(

@@ -138,8 +138,10 @@ def test_resume_keeps_the_same_teachers_shards_only(tmp_path: Path) -> None:
     first = writer("t1")
     first.write_shard(0, *_slices(2))
     assert writer("t1").pending() == [1]  # killed after shard 0: resume at shard 1
+    torn = tmp_path / ".probs-00001.npy.tmp-123"  # a killed writer's temp file
+    torn.write_bytes(b"torn")
     assert writer("t2").pending() == [0, 1]  # another teacher: its shard 0 is not reused
-    assert not (tmp_path / "ids-00000.npy").exists()
+    assert not (tmp_path / "ids-00000.npy").exists() and not torn.exists()
     # Another row set, or another shard size, starts over too.
     CacheWriter(tmp_path, rows, seq_len=SEQ, k=K, teacher_fingerprint="t2",
                 shard_bytes=2 * PER_ROW).write_shard(0, *_slices(2))

@@ -18,7 +18,8 @@ only.
 * **Cache:** every successful reply is stored under ``cache_dir`` as
   ``<sha256[:2]>/<sha256>.json``, keyed by the SHA-256 of the canonical JSON of ``{"url",
   "body"}``, written atomically. A request whose key is cached is answered from disk without a
-  call, so a resumed or repeated run never pays twice for the same request.
+  call, so a resumed or repeated run never pays twice for the same request; identical requests
+  within a run (a duplicated question, asked greedily) are sent once.
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ class HTTPTeacherClient:
                                          headers=headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                payload = json.loads(response.read())
+                raw = response.read()
         except urllib.error.HTTPError as err:
             status = err.code
             err.close()
@@ -207,11 +208,15 @@ class HTTPTeacherClient:
             raise _Retryable(f"connection error: {err.reason}") from None
         except (ConnectionError, http.client.HTTPException) as err:
             raise _Retryable(f"connection error: {type(err).__name__}") from None
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            return Reply(None, error="the response is not JSON")
         return _reply(payload)
 
-    def _ask(self, body: dict[str, Any], stats: CallStats) -> Reply:
-        """The reply to one request: from the cache, or asked with retries and then cached."""
-        key = request_key(self.url, body)
+    def _ask(self, key: str, body: dict[str, Any], stats: CallStats) -> Reply:
+        """The reply to one request (`key` its cache key): from the cache, or asked with
+        retries and then cached."""
         cached = self._cached(key)
         if cached is not None:
             return cached
@@ -240,19 +245,22 @@ class HTTPTeacherClient:
                  progress: Callable[[CallStats], None] = lambda stats: None,
                  ) -> tuple[list[Reply], CallStats]:
         """The reply to every body, in order, asking at most `max_concurrency` at a time.
-        `progress(stats)` is called after each reply. Raises TeacherConfigError when the
-        endpoint refuses the credentials, URL or model."""
-        stats = CallStats(total=len(bodies))
-        replies: list[Reply | None] = [None] * len(bodies)
+        Identical bodies (a question asked twice, greedily) are asked once; `stats` counts
+        distinct requests. `progress(stats)` is called after each reply. Raises
+        TeacherConfigError when the endpoint refuses the credentials, URL or model."""
+        keys = [request_key(self.url, body) for body in bodies]
+        distinct = {key: body for key, body in zip(keys, bodies, strict=True)}
+        stats = CallStats(total=len(distinct))
+        answers: dict[str, Reply] = {}
         self._abort.clear()
 
-        def work(i: int) -> None:
-            replies[i] = reply = self._ask(bodies[i], stats)
+        def work(key: str) -> None:
+            answers[key] = reply = self._ask(key, distinct[key], stats)
             stats.add(reply)
             progress(stats)
 
         with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
-            futures = [pool.submit(work, i) for i in range(len(bodies))]
+            futures = [pool.submit(work, key) for key in distinct]
             errors = [f.exception() for f in futures]
         fatal = next((e for e in errors if isinstance(e, TeacherConfigError)), None)
         if fatal is not None:
@@ -260,7 +268,7 @@ class HTTPTeacherClient:
         other = next((e for e in errors if e is not None), None)
         if other is not None:
             raise other
-        return [r if r is not None else Reply(None, error="not run") for r in replies], stats
+        return [answers.get(key, Reply(None, error="not run")) for key in keys], stats
 
 
 def _reply(payload: dict[str, Any]) -> Reply:
