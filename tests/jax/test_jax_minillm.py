@@ -247,3 +247,93 @@ def test_minillm_trains_logs_and_resumes_at_a_round_boundary(tmp_path: Path) -> 
     shutil.rmtree(node / "model")
     _run(spec, plan, tmp_path, "mini", events)
     assert (node / "model" / "model.safetensors").read_bytes() == final
+
+
+def test_the_ppo_step_does_not_depend_on_the_micro_batch_split() -> None:
+    """grad_accum 2 weights each half by its share of response tokens / pre-training targets:
+    the same loss, terms and update as one pass over the whole step."""
+    import optax
+
+    from kdspec_jax.train_step import init_train_state
+
+    (sp, sc), (tp, tc) = _tiny(0, vocab=13), _tiny(1, vocab=13)
+    rng = np.random.default_rng(1)
+    n, p, r = 4, 5, 6
+    mask = np.arange(r)[None, :] < np.array([[6], [2], [4], [1]])
+    prompt_mask = np.arange(p)[None, :] >= np.array([[0], [3], [1], [2]])
+    response = np.where(mask, rng.integers(0, 13, (n, r)), 0)
+    batch = {"response": response, "mask": mask,
+             "old_logprobs": np.where(mask, -rng.random((n, r)) * 3, 0).astype(np.float32),
+             "weights": np.where(mask, 0.5 + rng.random((n, r)), 0).astype(np.float32),
+             "rewards": np.where(mask, rng.normal(size=(n, r)), 0).astype(np.float32),
+             **jm.sequence_inputs(rng.integers(0, 13, (n, p)), prompt_mask, response, mask)}
+    labels = np.where(rng.random((n, 8)) < 0.6, rng.integers(0, 13, (n, 8)), -100)
+    labels[1] = -100
+    labels[1, 0] = 3  # uneven target counts across the halves
+    batch.update(pt_input_ids=rng.integers(0, 13, (n, 8)).astype(np.int32), pt_labels=labels,
+                 pt_attention_mask=np.ones((n, 8), np.int32))
+    optimizer = optax.sgd(0.1)
+    results = []
+    for accum in (1, 2):
+        ppo = jm.PPOConfig(temperature=0.9, grad_accum=accum, kd_ratio=0.5)
+        step = jax.jit(jm.make_ppo_step(sc, tc, ppo, optimizer, lambda s: 0.1))
+        state, metrics = step(init_train_state(sp, optimizer), batch, tp)
+        results.append((state.params, metrics))
+    (params_1, m1), (params_2, m2) = results
+    for key in ("loss", "pg_loss", "reg_loss", "pt_loss", "lm_loss", "ds_loss", "grad_norm"):
+        assert float(m1[key]) == pytest.approx(float(m2[key]), rel=1e-5), key
+    assert float(m1["loss"]) == pytest.approx(float(m1["rl_loss"] + m1["pt_loss"]), rel=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(params_1), jax.tree_util.tree_leaves(params_2),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_ppo_step_loss_matches_the_torch_math_on_transformers(tmp_path: Path) -> None:
+    """The step's terms from transformers models with the same weights, the torch backend's
+    collate / response_logits and its math functions (no pre-training batch)."""
+    import optax
+    from transformers import AutoModelForCausalLM
+
+    from kdspec_jax.train_step import init_train_state
+    from kdspec_jax.weights import save_hf
+    from kdspec_torch.minillm import rollout as tr
+
+    (sp, sc), (tp, tc) = _tiny(0, vocab=13), _tiny(1, vocab=13)
+    models = []
+    for name, params, config in (("s", sp, sc), ("t", tp, tc)):
+        save_hf(params, config, tmp_path / name)
+        models.append(AutoModelForCausalLM.from_pretrained(
+            tmp_path / name, dtype=torch.float32, attn_implementation="eager").eval())
+    rng = np.random.default_rng(2)
+    lengths, prompt_lengths = [6, 2, 4], [5, 2, 3]
+    prompts = [rng.integers(1, 13, n).tolist() for n in prompt_lengths]
+    responses = [rng.integers(1, 13, n) for n in lengths]
+    mask = np.arange(6)[None, :] < np.array(lengths)[:, None]
+    response = np.zeros((3, 6), np.int64)
+    for i, row in enumerate(responses):
+        response[i, : len(row)] = row
+    old = np.where(mask, -rng.random((3, 6)) * 3, 0).astype(np.float32)
+    weights = np.where(mask, 0.5 + rng.random((3, 6)), 0).astype(np.float32)
+    rewards = np.where(mask, rng.normal(size=(3, 6)), 0).astype(np.float32)
+    from kdspec_jax.generate import left_pad as jax_left_pad
+
+    prompt_ids, prompt_mask = jax_left_pad(prompts, 0)
+    batch = {"response": response, "mask": mask, "old_logprobs": old, "weights": weights,
+             "rewards": rewards, **jm.sequence_inputs(prompt_ids, prompt_mask, response, mask)}
+    ppo = jm.PPOConfig(temperature=0.8, clip_range=0.2, gamma=0.9)
+    step = jax.jit(jm.make_ppo_step(sc, tc, ppo, optax.sgd(0.0), lambda s: 0.0))
+    _, ours = step(init_train_state(sp, optax.sgd(0.0)), batch, tp)
+
+    torch_batch = tr.collate(prompts, [torch.as_tensor(r) for r in responses], 0)
+    with torch.no_grad():
+        s = tm.tempered(tr.response_logits(models[0], torch_batch), 0.8)
+        t = tm.tempered(tr.response_logits(models[1], torch_batch), 0.8)
+    tmask = torch.as_tensor(mask)
+    adv = tm.advantages(torch.as_tensor(rewards), tmask, gamma=0.9)
+    ratio = tm.policy_ratio(tm.token_logprobs(s, torch.as_tensor(response)), torch.as_tensor(old),
+                            torch.as_tensor(weights), tmask)
+    pg = tm.ppo_policy_loss(ratio, adv, tmask, 0.2)
+    reg = tm.single_step_loss(s, t, tmask)
+    assert float(ours["pg_loss"]) == pytest.approx(float(pg), rel=1e-4, abs=1e-6)
+    assert float(ours["reg_loss"]) == pytest.approx(float(reg), rel=1e-4)
+    assert float(ours["loss"]) == pytest.approx(float(pg + reg), rel=1e-4, abs=1e-6)
