@@ -17,6 +17,7 @@ from .objectives import OBJECTIVES
 NODE_RUNNERS: dict[str, str] = {
     "train": "kdspec_torch.train_node:run_train_node",
     "teacher_logits": "kdspec_torch.teacher_logits:run_teacher_logits",
+    "rationales": "kdspec_torch.step_by_step.rationales_node:run_rationales_node",
     "eval": "kdspec_torch.eval_node:run_eval",
 }
 

@@ -70,6 +70,7 @@ class EvalJob:
     dev: torch.device
     amp: torch.dtype | None
     node_dir: Path
+    spec_dir: Path = Path(".")  # demonstrations files in `prompts` resolve against it
     generations: dict[tuple[str, str, str], list[str]] = field(default_factory=dict)
 
     def sampling(self) -> Sampling:
@@ -145,9 +146,26 @@ def rouge_l_metric(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     return rouge_l_corpus(predictions, [str(r["response"]) for r in records])
 
 
+def prompted_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                      records: list[dict[str, Any]], job: EvalJob, task: Task) -> float:
+    """Accuracy with the stage's `prompts` entry for this model: each record's `input` in its
+    (few-shot) template; the prediction is read with its answer_pattern, if any."""
+    from .step_by_step.prompts import FewShot
+
+    _require(records, ("input", "label"), task)
+    fewshot = FewShot.from_config(job.stage.prompts[task.model].model_dump(), job.spec_dir)
+    key = f"prompt:{task.model}"  # its own generation-cache key
+    rendered = [{**r, key: fewshot.render(str(r["input"]))} for r in records]
+    texts = _generate(model, tokenizer, rendered, job, task, key)
+    _save_generations(job, task, rendered, key, "label", texts)
+    return accuracy([fewshot.prediction(t) for t in texts], [str(r["label"]) for r in records])
+
+
 def accuracy_metric(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                     records: list[dict[str, Any]], job: EvalJob, task: Task) -> float:
     """Exact-match accuracy of greedy generations from `prompt` (or `input`) against `label`."""
+    if task.model in job.stage.prompts:
+        return prompted_accuracy(model, tokenizer, records, job, task)
     key = "prompt" if records and all("prompt" in r for r in records) else "input"
     _require(records, (key, "label"), task)
     predictions = _generate(model, tokenizer, records, job, task, key)
@@ -224,7 +242,7 @@ def run_eval(ctx: NodeContext) -> None:
     stage = EvalStage.model_validate(config["stage"])
     make_deterministic()
     dev = device()
-    job = EvalJob(stage, dev, autocast_dtype("auto", dev), ctx.node_dir)
+    job = EvalJob(stage, dev, autocast_dtype("auto", dev), ctx.node_dir, ctx.spec_dir)
     records = {name: _records(ctx, data, stage.max_examples)
                for name, data in config["data"].items()}
     tasks = [Task(ref, name, metric) for ref in config["models"] for name in records

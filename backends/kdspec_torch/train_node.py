@@ -47,8 +47,10 @@ def run_train_node(ctx: NodeContext) -> None:
                          dev=dev, trainable=True)
     if stage.recompute:
         student.gradient_checkpointing_enable()
-    data = load_data(ctx, stage, module.LAYOUT, tokenizer)
-    objective = module.build(Setup(ctx, stage, tokenizer, student, dev))
+    setup = Setup(ctx, stage, tokenizer, student, dev)
+    custom = getattr(module, "load_data", None)
+    data = custom(setup) if custom else load_data(ctx, stage, module.LAYOUT, tokenizer)
+    objective = module.build(setup)
     seed_everything(derive_seed(config["seed"], "train", stage.name))
     job = TrainJob(ctx, stage, student, objective, data,
                    EpochSampler(len(data), order_seed(config["seed"], config["data"])), dev,

@@ -146,7 +146,13 @@ def _link_labels_from(builder: _Builder, index: int, stage: SFTStage, train: Nod
                       f"`{stage.labels_from}` is {what}; teacher labels come only from a "
                       "step_by_step stage's rationales")
         return
-    train.inputs["rationales"] = f"{source.name}.rationales"
+    # The source's own rationales node may be shared with (and named after) an earlier stage.
+    source_train = builder.nodes.get(source.name)
+    if source_train is None:
+        builder.error(("stages", index, "labels_from"),
+                      f"`{stage.labels_from}` must come before `{stage.name}`")
+        return
+    train.inputs["rationales"] = source_train.inputs["rationales"]
 
 
 def _add_eval_stage(builder: _Builder, index: int, stage: EvalStage) -> None:

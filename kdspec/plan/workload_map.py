@@ -70,8 +70,10 @@ def _train(node, spec, hardware, dims, dtype_bytes, *, passes: int = 1):
 
 
 def _step_by_step(node, spec, hardware, dims, dtype_bytes):
-    # Two passes per example: `predict:` -> label and `explain:` -> rationale.
-    return _train(node, spec, hardware, dims, dtype_bytes, passes=2)
+    # multitask: two passes per example, `predict:` -> label and `explain:` -> rationale;
+    # single_task: one pass on rationale + label.
+    passes = 1 if _stage(node).get("variant") == "single_task" else 2
+    return _train(node, spec, hardware, dims, dtype_bytes, passes=passes)
 
 
 def _n_examples(node: Any) -> int:
@@ -94,6 +96,9 @@ def _prompt_tokens(rationales: dict[str, Any]) -> int:
 
 def _rationales(node, spec, hardware, dims, dtype_bytes):
     config = node.config["rationales"]
+    if config.get("source") == "data":  # the data's own rationales: nothing is generated
+        return wl.estimate_generation_node(None, n_examples=0, prompt_tokens=0, new_tokens=0,
+                                           batch=1, hardware=hardware, dtype_bytes=dtype_bytes)
     return wl.estimate_generation_node(
         dims.get("teacher") if config["http"] is None else None,
         n_examples=_n_examples(node), prompt_tokens=_prompt_tokens(config),

@@ -345,11 +345,12 @@ def test_backend_dispatch_and_unsupported_kinds() -> None:
     assert backend.supports(Node("a", "train", "a", "pretrain_kd", {}))
     assert backend.supports(Node("a.teacher_logits", "teacher_logits", "a", "pretrain_kd", {}))
     assert not backend.supports(Node("a", "train", "a", "not_a_kind", {}))
-    assert not backend.supports(Node("a", "rationales", "a", "step_by_step", {}))
+    assert backend.supports(Node("a.rationales", "rationales", "a", "step_by_step", {}))
+    assert not backend.supports(Node("a", "distill_more", "a", "pretrain", {}))
     with pytest.raises(NotImplementedError, match="stage kind `not_a_kind`"):
         backend.run_node(_FakeCtx(Node("a", "train", "a", "not_a_kind", {})))
-    with pytest.raises(NotImplementedError, match="a `rationales` node"):
-        backend.run_node(_FakeCtx(Node("a", "rationales", "a", "step_by_step", {})))
+    with pytest.raises(NotImplementedError, match="a `distill_more` node"):
+        backend.run_node(_FakeCtx(Node("a", "distill_more", "a", "pretrain", {})))
 
 
 class _FakeCtx:

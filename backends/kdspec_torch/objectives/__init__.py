@@ -1,7 +1,9 @@
 """Training objectives, one module per stage kind, imported only when a node needs one.
 
 Each module defines `LAYOUT` (how its data is cut into rows: "packed" documents or prompt/
-response "pairs", see `kdspec_torch.batches`) and `build(setup) -> Objective`. Add a stage kind
+response "pairs", see `kdspec_torch.batches`) and `build(setup) -> Objective`; a module that
+reads its rows from elsewhere (step_by_step: the rationales artifact) defines
+`load_data(setup)`, which the train node calls instead of cutting the data source. Add a stage kind
 by adding a module and a line here.
 """
 
@@ -15,6 +17,7 @@ OBJECTIVES: dict[str, str] = {
     "sft": "kdspec_torch.objectives.sft",
     "pretrain_kd": "kdspec_torch.objectives.pretrain_kd",
     "kd": "kdspec_torch.objectives.kd",
+    "step_by_step": "kdspec_torch.step_by_step.objective",
 }
 
 

@@ -9,9 +9,21 @@ from .ce import build as _build_ce
 LAYOUT = "pairs"
 
 
-def build(setup: Setup) -> CrossEntropy:
-    if getattr(setup.stage, "labels_from", None):
-        raise NotImplementedError(
-            f"sft stage `{setup.stage.name}`: `labels_from` (teacher labels from a step_by_step "
-            "stage) is not supported by the torch backend yet")
+def load_data(setup: Setup):
+    """`labels_from`: the teacher's labels from a step_by_step stage's rationales artifact
+    (decoder-only or T5 student); otherwise the data source's prompt/response pairs."""
+    if setup.stage.labels_from:
+        from ..step_by_step.objective import load_data as load_teacher_labels
+
+        return load_teacher_labels(setup)
+    from ..train_node import load_data as load_pairs
+
+    return load_pairs(setup.ctx, setup.stage, LAYOUT, setup.tokenizer)
+
+
+def build(setup: Setup):
+    if setup.stage.labels_from:
+        from ..step_by_step.objective import build as build_label_only
+
+        return build_label_only(setup)
     return _build_ce(setup)
