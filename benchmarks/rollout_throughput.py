@@ -1,8 +1,9 @@
 """Rollout throughput: kdspec's batched KV-cache generation against `model.generate`.
 
 Generated tokens per second (batch × new tokens / wall time; every row runs the full
-`--new-tokens`, no eos stops it) on fresh-weight llama models of the given sizes, fp32, torch's
-default thread count, the median of `--repeats` runs after one warm-up, the cases taking turns:
+`--new-tokens`, no eos stops it) on fresh-weight llama models of the given sizes (MLP 2·d),
+fp32, torch's default thread count, the median of `--repeats` runs after one warm-up, the
+cases taking turns:
 
 * `kdspec generate`: `kdspec_torch.generate.generate`, student only, sampled at temperature 1;
 * `hf generate`: `model.generate(do_sample=True, top_k=0, ...)` on the same model and batch;
@@ -13,7 +14,7 @@ default thread count, the median of `--repeats` runs after one warm-up, the case
 * `no-cache mixed`: the same mixed sampling recomputing both models over the whole prefix at
   every step (what a loop without a KV cache pays).
 
-    python benchmarks/rollout_throughput.py                     # the spec's toy sizes
+    python benchmarks/rollout_throughput.py           # specs/minillm.yaml's sizes and shapes
     python benchmarks/rollout_throughput.py --student 256 4 --teacher 512 6 --batch 32 \\
         --prompt 64 --new-tokens 64 --vocab 8192
 """
@@ -36,8 +37,7 @@ from kdspec_torch.minillm.rollout import RolloutConfig, sample_rollouts
 PAD, BOS = 0, 1
 
 
-def model(vocab: int, d_model: int, layers: int, seed: int) -> PreTrainedModel:
-    heads = max(1, d_model // 32)
+def model(vocab: int, d_model: int, layers: int, heads: int, seed: int) -> PreTrainedModel:
     config = AutoConfig.for_model(
         "llama", vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
@@ -75,8 +75,8 @@ def no_cache_mixed(student: PreTrainedModel, teacher: PreTrainedModel, ids: torc
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    student = model(args.vocab, *args.student, seed=0)
-    teacher = model(args.vocab, *args.teacher, seed=1)
+    student = model(args.vocab, *args.student, args.heads, seed=0)
+    teacher = model(args.vocab, *args.teacher, args.heads, seed=1)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(2, args.vocab, (args.batch, args.prompt), generator=gen)
     ids[:, 0] = BOS
@@ -115,8 +115,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def markdown(args: argparse.Namespace, rows: list[dict]) -> str:
     head = (f"student d{args.student[0]}×{args.student[1]}L, teacher d{args.teacher[0]}×"
-            f"{args.teacher[1]}L, vocab {args.vocab}, batch {args.batch}, prompt {args.prompt}, "
-            f"{args.new_tokens} new tokens, torch {torch.__version__}, "
+            f"{args.teacher[1]}L, {args.heads} heads, vocab {args.vocab}, batch {args.batch}, "
+            f"prompt {args.prompt}, {args.new_tokens} new tokens, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     lines = [head, "", "| case | s | tokens/s |", "|---|---:|---:|"]
     lines += [f"| {r['case']} | {r['seconds']} | {r['tokens_per_s']} |" for r in rows]
@@ -125,8 +125,9 @@ def markdown(args: argparse.Namespace, rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--student", type=int, nargs=2, default=[48, 2], metavar=("D", "L"))
+    parser.add_argument("--student", type=int, nargs=2, default=[64, 2], metavar=("D", "L"))
     parser.add_argument("--teacher", type=int, nargs=2, default=[128, 4], metavar=("D", "L"))
+    parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=530)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--prompt", type=int, default=24)

@@ -22,8 +22,18 @@ NODE_RUNNERS: dict[str, str] = {
 }
 
 
-def _runner(kind: str) -> Callable[[NodeContext], None]:
-    module, _, function = NODE_RUNNERS[kind].partition(":")
+# Train stages whose loop is not the generic trainer's (rollouts, PPO epochs) have their own runner.
+STAGE_RUNNERS: dict[str, str] = {
+    "minillm": "kdspec_torch.minillm.stage:run_minillm_node",
+}
+
+
+def _runner(node: Node) -> Callable[[NodeContext], None]:
+    if node.kind == "train" and node.stage_kind in STAGE_RUNNERS:
+        target = STAGE_RUNNERS[node.stage_kind]
+    else:
+        target = NODE_RUNNERS[node.kind]
+    module, _, function = target.partition(":")
     return getattr(importlib.import_module(module), function)
 
 
@@ -33,7 +43,7 @@ class TorchBackend:
     def supports(self, node: Node) -> bool:
         if node.kind not in NODE_RUNNERS:
             return False
-        return node.kind != "train" or node.stage_kind in OBJECTIVES
+        return node.kind != "train" or node.stage_kind in (*OBJECTIVES, *STAGE_RUNNERS)
 
     def run_node(self, ctx: NodeContext) -> None:
         node = ctx.node
@@ -42,8 +52,9 @@ class TorchBackend:
                 else f"`{node.kind}` node"
             raise NotImplementedError(
                 f"the torch backend cannot run `{node.id}`, a {what} (node kinds: "
-                f"{', '.join(NODE_RUNNERS)}; train stage kinds: {', '.join(OBJECTIVES)})")
+                f"{', '.join(NODE_RUNNERS)}; train stage kinds: "
+                f"{', '.join((*OBJECTIVES, *STAGE_RUNNERS))})")
         from transformers.utils import logging
 
         logging.disable_progress_bar()  # the executor draws its own progress
-        _runner(node.kind)(ctx)
+        _runner(node)(ctx)

@@ -50,6 +50,9 @@ def run_train_node(ctx: NodeContext) -> None:
     setup = Setup(ctx, stage, tokenizer, student, dev)
     custom = getattr(module, "load_data", None)
     data = custom(setup) if custom else load_data(ctx, stage, module.LAYOUT, tokenizer)
+    prepare = getattr(module, "prepare_data", None)  # e.g. seqkd: the teacher's answers
+    if prepare:
+        data = prepare(setup, data)
     objective = module.build(setup)
     seed_everything(derive_seed(config["seed"], "train", stage.name))
     job = TrainJob(ctx, stage, student, objective, data,

@@ -17,6 +17,8 @@ OBJECTIVES: dict[str, str] = {
     "sft": "kdspec_torch.objectives.sft",
     "pretrain_kd": "kdspec_torch.objectives.pretrain_kd",
     "kd": "kdspec_torch.objectives.kd",
+    "seqkd": "kdspec_torch.objectives.seqkd",
+    "gkd": "kdspec_torch.objectives.gkd",
     "step_by_step": "kdspec_torch.step_by_step.objective",
 }
 
