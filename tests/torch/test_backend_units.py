@@ -13,6 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from kdspec.spec.stages.common import OptimizerConfig, ScheduleConfig  # noqa: E402
 from kdspec_torch import checkpoint as ckpt  # noqa: E402
 from kdspec_torch import teacher_cache  # noqa: E402
 from kdspec_torch.batches import (  # noqa: E402
@@ -26,8 +27,6 @@ from kdspec_torch.batches import (  # noqa: E402
 from kdspec_torch.objectives.distill import CHUNK_AUTO_ELEMENTS, use_chunked  # noqa: E402
 from kdspec_torch.optim import build_optimizer, build_scheduler, lr_factor  # noqa: E402
 from kdspec_torch.runtime import derive_seed  # noqa: E402
-
-from kdspec.spec.stages.common import OptimizerConfig, ScheduleConfig  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Schedule and optimizer
@@ -295,10 +294,10 @@ ARCH = {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 48, "max_seq_len": 6
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gpt2", "t5"])
 def test_arch_config_builds_each_family(family: str, words_tokenizer) -> None:
-    from kdspec_torch.models import arch_config
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from kdspec.spec.models import ArchConfig
+    from kdspec_torch.models import arch_config
 
     config = arch_config(ArchConfig(family=family, **ARCH), words_tokenizer)
     assert config.vocab_size == len(words_tokenizer)
@@ -324,19 +323,17 @@ def test_arch_config_builds_each_family(family: str, words_tokenizer) -> None:
 
 
 def test_arch_vocab_must_cover_the_tokenizer(words_tokenizer) -> None:
-    from kdspec_torch.models import arch_config
-
     from kdspec.spec.models import ArchConfig
+    from kdspec_torch.models import arch_config
 
     with pytest.raises(ValueError, match="smaller than the tokenizer"):
         arch_config(ArchConfig(family="llama", vocab_size=10, **ARCH), words_tokenizer)
 
 
 def test_backend_dispatch_and_unsupported_kinds() -> None:
+    from kdspec.plan.graph import Node
     from kdspec_torch.backend import NODE_RUNNERS, TorchBackend
     from kdspec_torch.objectives import OBJECTIVES
-
-    from kdspec.plan.graph import Node
 
     backend = TorchBackend()
     assert backend.name == "torch"

@@ -13,10 +13,6 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from kdspec_torch import eval_node  # noqa: E402
-from kdspec_torch.eval_node import EvalJob, Task, perplexity, run_eval  # noqa: E402
-from kdspec_torch.generate import Sampling, generate_text  # noqa: E402
-from kdspec_torch.tokenizer import load_tokenizer  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from kdspec.data.hmm import vocabulary  # noqa: E402
@@ -25,6 +21,10 @@ from kdspec.plan.graph import Node, Plan  # noqa: E402
 from kdspec.run.backend import NodeContext  # noqa: E402
 from kdspec.run.results import collect_results  # noqa: E402
 from kdspec.spec.stages.eval import EvalStage  # noqa: E402
+from kdspec_torch import eval_node  # noqa: E402
+from kdspec_torch.eval_node import EvalJob, Task, perplexity, run_eval  # noqa: E402
+from kdspec_torch.generate import Sampling, generate_text  # noqa: E402
+from kdspec_torch.tokenizer import load_tokenizer  # noqa: E402
 
 SEQ, NEW = 16, 6
 

@@ -11,13 +11,6 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from kdspec_torch.generate import (  # noqa: E402
-    Sampling,
-    generate,
-    left_pad,
-    sampling_probs,
-    warp_logits,
-)
 from transformers import (  # noqa: E402
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -32,6 +25,14 @@ from transformers.generation.logits_process import (  # noqa: E402
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
+)
+
+from kdspec_torch.generate import (  # noqa: E402
+    Sampling,
+    generate,
+    left_pad,
+    sampling_probs,
+    warp_logits,
 )
 
 VOCAB, PAD = 48, 0

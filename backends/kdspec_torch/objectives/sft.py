@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from .base import Setup
-from .ce import CrossEntropy
 from .ce import build as _build_ce
 
 LAYOUT = "pairs"
