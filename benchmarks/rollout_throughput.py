@@ -65,10 +65,11 @@ def timed(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, flo
 @torch.no_grad()
 def no_cache_mixed(student: PreTrainedModel, teacher: PreTrainedModel, ids: torch.Tensor,
                    new_tokens: int, alpha: float, generator: torch.Generator) -> torch.Tensor:
-    """Teacher-mixed sampling that re-reads the whole prefix every step (no KV cache)."""
+    """Teacher-mixed sampling that re-reads the whole prefix every step (no KV cache; only the
+    last position goes through the LM head, as in the cached loop)."""
     for _ in range(new_tokens):
-        q = student(input_ids=ids, use_cache=False).logits[:, -1].softmax(-1)
-        p = teacher(input_ids=ids, use_cache=False).logits[:, -1].softmax(-1)
+        q = student(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1].softmax(-1)
+        p = teacher(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1].softmax(-1)
         token = torch.multinomial((1 - alpha) * q + alpha * p, 1, generator=generator)
         ids = torch.cat([ids, token], dim=1)
     return ids
